@@ -1,0 +1,245 @@
+"""The `medfusion` command line: thin wrappers that build a config and call a stage function.
+
+Every command that takes a config accepts ``--config FILE`` (YAML, partial) and dotted
+``KEY=VALUE`` overrides; ``--help`` lists every key with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import Any
+
+from medfusion import config as C
+from medfusion.store import DEFAULT_ROOT
+
+
+def _fields_help(cls: type, prefix: str = "") -> list[str]:
+    """One line per (nested) field: `key (default): doc`."""
+    docs = C.field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(_fields_help(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {prefix}{f.name} = {default!r}\n      {docs.get(f.name, '')}")
+    return lines
+
+
+def _config_parser(sub, name: str, cls: type, help_text: str, presets: bool = True) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (override with KEY=VALUE):\n" + "\n".join(_fields_help(cls)),
+    )
+    parser.add_argument("--config", help="YAML file of settings (partial; overrides go on top)")
+    if presets:
+        parser.add_argument("--preset", choices=C.PRESETS, help="size preset applied before --config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. synth.num_samples=1000")
+    return parser
+
+
+def _load(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None, sections: tuple[str, ...] = ()) -> Any:
+    values: dict[str, Any] = dict(base or {})
+    preset = getattr(args, "preset", None)
+    if preset:
+        for section in sections:
+            part = C.preset_values(preset, section)
+            if part:
+                values[section] = {**part, **values.get(section, {})}
+    return C.load_config(cls, args.config, args.overrides, base=values)
+
+
+def _use_local_store_env(root: str) -> None:
+    """Point S3 clients at the local store when no AWS endpoint is configured and it is running."""
+    if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return
+    from medfusion.store import Store
+
+    state = Store(root).running()
+    if state:
+        os.environ.update(state.env())
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from medfusion.store import Store, export_lines
+
+    store = Store(args.root)
+    if args.action == "up":
+        state = store.up(s3_port=args.port)
+        print(f"# SeaweedFS S3 at {state.endpoint} (pid {state.pid}, data {state.data_dir}, bucket s3://{state.bucket})")
+        print(export_lines(state.env()))
+    elif args.action == "down":
+        stopped = store.down()
+        print("stopped" if stopped else "not running")
+    else:
+        state = store.running()
+        if not state:
+            print("not running")
+            return 1
+        print(json.dumps({"endpoint": state.endpoint, "pid": state.pid, "bucket": state.bucket, "data_dir": state.data_dir}, indent=2))
+    return 0
+
+
+def _prepare(args: argparse.Namespace, base: dict[str, Any]) -> int:
+    from medfusion.data.prepare import run_prepare
+
+    if args.out:
+        base["output_uri"] = args.out
+    if args.overwrite:
+        base["overwrite"] = True
+    cfg = _load(C.PrepareConfig, args, base, sections=("synth",))
+    _use_local_store_env(args.store_root)
+    result = run_prepare(cfg, show_progress=True)
+    print(result.summary())
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    return _prepare(args, {"source": "synthetic"})
+
+
+def cmd_data_ingest(args: argparse.Namespace) -> int:
+    return _prepare(args, {"source": args.source, "source_uri": args.input})
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from medfusion.data.dataset import open_dataset, summarize, verify_dataset
+
+    _use_local_store_env(args.store_root)
+    info = open_dataset(args.uri)
+    summary = summarize(info)
+    if not args.no_verify:
+        shards = sum(len(v["shards"]) for v in info.manifest["splits"].values())
+        with tqdm(total=shards, desc="verify sha256", unit="shard", file=sys.stderr) as bar:
+            summary["verified_shards"] = verify_dataset(info, progress=bar)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"dataset {summary['uri']}  version {summary['version']}  created {summary['created_at']}")
+    print(f"source {summary['source'].get('type')}  classes {len(summary['classes'])}  vocab {summary['vocab_size']}  "
+          f"multi-label {summary['multi_label']}  rejected rows {summary['rejected']}")
+    classes = summary["classes"]
+    width = max(len(c) for c in classes + ["class"])
+    splits = list(summary["splits"])
+    print(f"{'class':<{width}}  " + "  ".join(f"{s:>7}" for s in splits))
+    for name in classes:
+        print(f"{name:<{width}}  " + "  ".join(f"{summary['splits'][s]['class_counts'].get(name, 0):>7}" for s in splits))
+    print(f"{'rows':<{width}}  " + "  ".join(f"{summary['splits'][s]['rows']:>7}" for s in splits))
+    print(f"{'shards':<{width}}  " + "  ".join(f"{summary['splits'][s]['shards']:>7}" for s in splits))
+    if "verified_shards" in summary:
+        print(f"checksums: {summary['verified_shards']} shards verified")
+    return 0
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from medfusion.bench.ingest import run_ingest_bench
+
+    base: dict[str, Any] = {}
+    if args.samples:
+        base["samples"] = args.samples
+    cfg = _load(C.IngestBenchConfig, args, base)
+    _use_local_store_env(args.store_root)
+    result = run_ingest_bench(cfg, store_root=args.store_root)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medfusion.demo import DemoConfig, run_demo
+
+    cfg = C.load_config(DemoConfig, args.config, args.overrides, base={"store_root": args.store_root})
+    run_demo(cfg)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfusion", description="Train and serve a multimodal medical model on Ray.")
+    parser.add_argument(
+        "--store-root",
+        default=os.environ.get("MEDFUSION_STORE_ROOT", DEFAULT_ROOT),
+        help="folder of the local S3 store's data and state (default: %(default)s)",
+    )
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    store = groups.add_parser("store", help="the embedded S3 object store (SeaweedFS on 127.0.0.1)")
+    store_sub = store.add_subparsers(dest="action", required=True)
+    up = store_sub.add_parser("up", help="start it (or reuse the running one) and print the env to export")
+    up.add_argument("--port", type=int, default=0, help="S3 port (default: a free port)")
+    store_sub.add_parser("down", help="stop exactly the process `up` started")
+    store_sub.add_parser("status", help="print the endpoint when running (exit 1 when not)")
+    for p in store_sub.choices.values():
+        p.set_defaults(func=cmd_store, root=None)
+    store.set_defaults(func=cmd_store)
+
+    data = groups.add_parser("data", help="make, ingest and inspect datasets")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    synth = _config_parser(data_sub, "synth", C.PrepareConfig, "generate a synthetic dataset into shards")
+    synth.add_argument("--out", help="dataset root to write (path or s3://...); same as output_uri=")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    synth.set_defaults(func=cmd_data_synth)
+    ingest = _config_parser(data_sub, "ingest", C.PrepareConfig, "ingest a generic manifest (CSV/JSONL) or an IU X-Ray folder", presets=False)
+    ingest.add_argument("--source", choices=["manifest", "iu_xray"], required=True, help="source layout")
+    ingest.add_argument("--input", required=True, help="the manifest file, or the IU X-Ray folder")
+    ingest.add_argument("--out", help="dataset root to write (path or s3://...)")
+    ingest.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    ingest.set_defaults(func=cmd_data_ingest)
+    inspect_ = data_sub.add_parser("inspect", help="counts per split and class; verifies shard checksums")
+    inspect_.add_argument("uri", help="dataset root")
+    inspect_.add_argument("--no-verify", action="store_true", help="skip reading every shard for its sha256")
+    inspect_.add_argument("--json", action="store_true", help="print JSON")
+    inspect_.set_defaults(func=cmd_data_inspect)
+
+    bench = groups.add_parser("bench", help="benchmarks: this system vs its plain baseline, JSON on the last line")
+    bench_sub = bench.add_subparsers(dest="action", required=True)
+    bi = _config_parser(bench_sub, "ingest", C.IngestBenchConfig, "Ray Data vs a PyTorch DataLoader vs the decode ceiling", presets=False)
+    bi.add_argument("--samples", type=int, help="N (same as samples=N)")
+    bi.set_defaults(func=cmd_bench_ingest)
+    from medfusion.demo import DemoConfig
+
+    demo = _config_parser(groups, "demo", DemoConfig, "the main job end to end on the embedded local store and Ray", presets=False)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "root", "unset") is None:
+        args.root = args.store_root
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (C.ConfigError, ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as err:
+        # Errors users can act on: one line, no traceback (MEDFUSION_DEBUG=1 shows it).
+        if os.environ.get("MEDFUSION_DEBUG"):
+            raise
+        print(f"medfusion: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,252 @@
+"""Reading a dataset: the manifest, checksums, and streaming batches with Ray Data.
+
+`open_dataset` is the one place that knows the layout; everything downstream (training workers,
+evaluation, benchmarks) gets shard URIs, class names and the tokenizer from the `DatasetInfo` it
+returns. `stream_split` builds the Ray Data pipeline: `read_parquet` with column projection, then
+decode, resize, normalize and tokenize in `map_batches`, streamed with bounded memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from medfusion import storage
+from medfusion.config import DataConfig
+from medfusion.data.batches import collate
+from medfusion.data.schema import SCHEMA_VERSION, SPLITS
+from medfusion.data.shards import MANIFEST
+from medfusion.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import ray.data
+
+# What the model needs from a shard; `sample_id` etc. are added for evaluation only.
+MODEL_COLUMNS = ["image", "report", "findings", "labels", "box"]
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, incomplete or corrupted; the message names the file."""
+
+
+def dataset_version(manifest_bytes: bytes) -> str:
+    """The dataset version used for lineage: the first 16 hex digits of the manifest's sha256."""
+    return hashlib.sha256(manifest_bytes).hexdigest()[:16]
+
+
+@dataclass
+class DatasetInfo:
+    """What a dataset root holds, from its manifest.json."""
+
+    uri: str
+    version: str
+    manifest: dict[str, Any]
+    tokenizer: Tokenizer
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.manifest.get("multi_label", False))
+
+    def rows(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["rows"])
+
+    def shard_uris(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise DatasetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return [storage.join(self.uri, s["path"]) for s in self.manifest["splits"][split]["shards"]]
+
+
+def open_dataset(uri: str, verify: bool = False) -> DatasetInfo:
+    """Read manifest.json and the tokenizer of the dataset at `uri` (optionally verify checksums).
+
+    Raises:
+        DatasetError: no dataset at `uri`, an unsupported schema version, or (verify) a shard
+            whose sha256 or row count does not match the manifest.
+    """
+    manifest_uri = storage.join(uri, MANIFEST)
+    try:
+        raw = storage.read_bytes(manifest_uri)
+    except FileNotFoundError:
+        raise DatasetError(f"{uri}: no dataset here ({MANIFEST} not found; run `medfusion data synth` or `data ingest`)") from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as err:
+        raise DatasetError(f"{manifest_uri}: not valid JSON ({err})") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetError(
+            f"{manifest_uri}: schema_version {manifest.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})"
+        )
+    tok_meta = manifest["tokenizer"]
+    tok_uri = storage.join(uri, tok_meta["path"])
+    tok_bytes = storage.read_bytes(tok_uri)
+    if hashlib.sha256(tok_bytes).hexdigest() != tok_meta["sha256"]:
+        raise DatasetError(f"{tok_uri}: sha256 mismatch with {MANIFEST}")
+    info = DatasetInfo(uri=uri, version=dataset_version(raw), manifest=manifest, tokenizer=Tokenizer.from_json(tok_bytes.decode()))
+    if verify:
+        verify_dataset(info)
+    return info
+
+
+def verify_dataset(info: DatasetInfo, progress=None) -> int:
+    """Check every shard's sha256 and row count against the manifest. Returns the shards checked."""
+    checked = 0
+    for split in SPLITS:
+        for shard in info.manifest["splits"][split]["shards"]:
+            shard_uri = storage.join(info.uri, shard["path"])
+            try:
+                data = storage.read_bytes(shard_uri)
+            except FileNotFoundError:
+                raise DatasetError(f"shard {shard_uri}: missing") from None
+            got = hashlib.sha256(data).hexdigest()
+            if got != shard["sha256"]:
+                raise DatasetError(f"shard {shard_uri}: sha256 mismatch (expected {shard['sha256'][:12]}…, got {got[:12]}…)")
+            checked += 1
+            if progress is not None:
+                progress.update(1)
+    return checked
+
+
+def _read_shard(uri: str, columns: list[str]):
+    fs, path = storage.filesystem(uri)
+    try:
+        return storage.with_retries(f"read {uri}", lambda: pq.read_table(path, columns=columns, filesystem=fs))
+    except FileNotFoundError:
+        raise DatasetError(f"shard {uri}: missing") from None
+    except Exception as err:
+        if isinstance(err, (storage.StorageError, DatasetError)):
+            raise
+        raise DatasetError(f"shard {uri}: unreadable Parquet ({err})") from None
+
+
+def collate_kwargs(info: DatasetInfo, data_cfg: DataConfig) -> dict[str, Any]:
+    """The arguments of `collate` that a dataset and a DataConfig fix."""
+    return {
+        "tokenizer": info.tokenizer,
+        "num_classes": len(info.classes),
+        "image_size": data_cfg.image_size,
+        "max_report_tokens": data_cfg.max_report_tokens,
+        "max_findings_tokens": data_cfg.max_findings_tokens,
+    }
+
+
+def iter_local_batches(
+    info: DatasetInfo,
+    split: str,
+    data_cfg: DataConfig,
+    extra_columns: tuple[str, ...] = (),
+    limit: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Model batches of one split read in this process with pyarrow (no Ray): tests, small evals."""
+    columns = MODEL_COLUMNS + [c for c in extra_columns if c not in MODEL_COLUMNS]
+    kwargs = collate_kwargs(info, data_cfg)
+    served = 0
+    for uri in info.shard_uris(split):
+        table = _read_shard(uri, columns)
+        for batch in table.to_batches(max_chunksize=data_cfg.batch_size):
+            if limit is not None and served >= limit:
+                return
+            rows = batch.to_pydict()
+            if limit is not None:
+                rows = {k: v[: limit - served] for k, v in rows.items()}
+            served += len(rows["image"])
+            yield collate(rows, **kwargs)
+
+
+class Preprocess:
+    """The `map_batches` callable: shard rows -> model batch (decode, resize, normalize, tokenize)."""
+
+    def __init__(self, tokenizer_json: str, num_classes: int, data: dict, report_dropout: float, seed: int | None):
+        self.kwargs = {
+            "tokenizer": Tokenizer.from_json(tokenizer_json),
+            "num_classes": num_classes,
+            "image_size": data["image_size"],
+            "max_report_tokens": data["max_report_tokens"],
+            "max_findings_tokens": data["max_findings_tokens"],
+            "report_dropout": report_dropout,
+        }
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return collate(rows, rng=self.rng, **self.kwargs)
+
+
+def stream_split(
+    info: DatasetInfo,
+    split: str,
+    data_cfg: DataConfig,
+    *,
+    training: bool = False,
+    extra_columns: tuple[str, ...] = (),
+    seed: int | None = None,
+    concurrency: int | tuple[int, int] | None = None,
+) -> ray.data.Dataset:
+    """A Ray Data pipeline over one split: read_parquet (projected columns) -> map_batches(Preprocess).
+
+    `training` enables note dropout (data_cfg.report_dropout). Call `ray.init` before.
+    """
+    import ray.data
+
+    uris = info.shard_uris(split)
+    if not uris:
+        raise DatasetError(f"{info.uri}: split {split!r} has no shards")
+    fs, _ = storage.filesystem(uris[0])
+    paths = [storage.filesystem(u)[1] for u in uris]
+    columns = MODEL_COLUMNS + [c for c in extra_columns if c not in MODEL_COLUMNS]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle=None)
+    return ds.map_batches(
+        Preprocess,
+        fn_constructor_kwargs={
+            "tokenizer_json": info.tokenizer.to_json(),
+            "num_classes": len(info.classes),
+            "data": {
+                "image_size": data_cfg.image_size,
+                "max_report_tokens": data_cfg.max_report_tokens,
+                "max_findings_tokens": data_cfg.max_findings_tokens,
+            },
+            "report_dropout": data_cfg.report_dropout if training else 0.0,
+            "seed": seed,
+        },
+        batch_size=data_cfg.batch_size,
+        batch_format="numpy",
+        concurrency=concurrency or (1, max(1, _cpu_count())),
+        zero_copy_batch=True,
+    )
+
+
+def _cpu_count() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+
+
+def summarize(info: DatasetInfo) -> dict[str, Any]:
+    """Counts per split and class (what `medfusion data inspect` prints)."""
+    return {
+        "uri": info.uri,
+        "version": info.version,
+        "classes": info.classes,
+        "multi_label": info.multi_label,
+        "vocab_size": len(info.tokenizer),
+        "splits": {
+            s: {
+                "rows": v["rows"],
+                "shards": len(v["shards"]),
+                "with_box": v.get("with_box", 0),
+                "class_counts": v.get("class_counts", {}),
+            }
+            for s, v in info.manifest["splits"].items()
+        },
+        "rejected": info.manifest.get("rejected", {}).get("rows", 0),
+        "source": info.manifest.get("source", {}),
+        "created_at": info.manifest.get("created_at"),
+    }
