@@ -151,6 +151,8 @@ class PrepareConfig:
             "max_rejected_fraction",
             f"must be in [0, 1], got {self.max_rejected_fraction}",
         )
+        _check(len(set(self.classes)) == len(self.classes), "classes", "has duplicates")
+        _check(self.max_report_chars > 0, "max_report_chars", f"must be > 0, got {self.max_report_chars}")
         _check(self.vocab_size >= 8, "vocab_size", f"must be >= 8, got {self.vocab_size}")
         _check(self.image_size >= 0, "image_size", f"must be >= 0, got {self.image_size}")
 
@@ -235,6 +237,12 @@ class ModelConfig:
         _check(self.embed_dim > 0 and self.hidden_dim > 0, "model.embed_dim/hidden_dim", "must be > 0")
         _check(self.fusion in FUSIONS, "model.fusion", f"must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         _check(self.attention_heads >= 1, "model.attention_heads", "must be >= 1")
+        _check(
+            self.fusion != "cross_attention" or self.hidden_dim % self.attention_heads == 0,
+            "model.attention_heads",
+            f"must divide model.hidden_dim ({self.hidden_dim}) for fusion=cross_attention, got {self.attention_heads}",
+        )
+        _check(self.bilinear_rank >= 1, "model.bilinear_rank", f"must be >= 1, got {self.bilinear_rank}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(0.0 <= self.modality_dropout <= 1.0, "model.modality_dropout", "must be in [0, 1]")
         _check(self.beam_size >= 1, "model.beam_size", f"must be >= 1, got {self.beam_size}")
@@ -268,6 +276,58 @@ class IngestBenchConfig:
     def __post_init__(self) -> None:
         _check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+EVAL_ENGINES = ("local", "ray")
+EVAL_DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass
+class EvaluateConfig:
+    """The evaluate stage: an exported model on one dataset split -> metrics.json, PNG plots, report.html."""
+
+    model_uri: str = ""
+    """Export folder of the model (local path or s3://), as written by train or tune."""
+    data_uri: str = ""
+    """Dataset root (local path or s3://) holding manifest.json."""
+    split: str = "test"
+    """Split to evaluate: train, val or test."""
+    output_uri: str = ""
+    """Folder for metrics.json, the plots and report.html; empty means eval-<split> next to the model folder."""
+    batch_size: int = 32
+    """Samples per model call."""
+    limit: int = 0
+    """Evaluate only the split's first this-many samples (shard order); 0 evaluates them all."""
+    engine: str = "local"
+    """local: shards read with pyarrow in this process; ray: Ray Data map_batches with the Predictor as actors."""
+    concurrency: int = 1
+    """engine=ray: number of Predictor actors (each loads the model once)."""
+    device: str = "cpu"
+    """cpu, cuda or auto (cuda when available); with engine=ray and cuda each actor gets one GPU."""
+    beam_size: int = 0
+    """Beam width of findings generation; 0 keeps the exported model's setting."""
+    num_images: int = 8
+    """Samples (the split's first ones) drawn in the predictions grid and the attention figures."""
+
+    def __post_init__(self) -> None:
+        from medfusion.data.schema import SPLITS
+
+        _check(self.split in SPLITS, "split", f"must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.limit >= 0, "limit", f"must be >= 0 (0 = the whole split), got {self.limit}")
+        _check(
+            self.engine in EVAL_ENGINES, "engine", f"must be one of {', '.join(EVAL_ENGINES)}, got {self.engine!r}"
+        )
+        _check(self.concurrency >= 1, "concurrency", f"must be >= 1, got {self.concurrency}")
+        _check(
+            self.device in EVAL_DEVICES, "device", f"must be one of {', '.join(EVAL_DEVICES)}, got {self.device!r}"
+        )
+        _check(self.beam_size >= 0, "beam_size", f"must be >= 0 (0 = the model's), got {self.beam_size}")
+        _check(1 <= self.num_images <= 64, "num_images", f"must be in [1, 64], got {self.num_images}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ that outlives the retries names the object.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import time
@@ -21,7 +22,7 @@ import pyarrow.fs as pafs
 
 T = TypeVar("T")
 
-RETRY_ATTEMPTS = int(os.environ.get("MEDFUSION_S3_RETRIES", "8"))
+RETRY_ATTEMPTS = int(os.environ.get("MEDFUSION_S3_RETRIES", "10"))  # ~50 s of backoff in all
 RETRY_BASE_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 8.0
 
@@ -41,8 +42,18 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri).joinpath(*parts))
 
 
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem from the standard AWS environment variables."""
+    """A pyarrow S3 filesystem from the standard AWS environment variables (cached per env, so
+    connections are reused across calls)."""
+    return _s3_filesystem(tuple(os.environ.get(k) for k in _AWS_ENV))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(env_key: tuple) -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     kwargs: dict = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -74,14 +85,14 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def with_retries(what: str, fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS) -> T:
     """Run `fn`, retrying transient I/O errors with exponential backoff.
 
-    FileNotFoundError is not transient and is raised at once.
+    Errors that retrying cannot fix (not found, permission, wrong kind of path) are raised at once.
     """
     delay = RETRY_BASE_DELAY_S
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except FileNotFoundError:
-            raise
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise  # retrying cannot help
         except (OSError, ConnectionError) as err:
             if attempt == attempts:
                 raise StorageError(f"{what}: failed after {attempts} attempts ({err})") from err

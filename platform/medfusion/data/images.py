@@ -7,7 +7,6 @@ Ingest, the Ray Data reader, the predictor and the server all go through `decode
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image
@@ -35,12 +34,18 @@ def sniff_format(data: bytes) -> str:
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        return _dicom_pixels(data, max_pixels)
+    except ImageDecodeError:
+        raise
+    except Exception as err:  # pydicom parses elements lazily: a corrupt header raises, of any type, on first access
+        raise ImageDecodeError(f"not a readable DICOM file ({type(err).__name__}: {err})") from None
+
+
+def _dicom_pixels(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom  # optional at import time: only DICOM input needs it
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except Exception as err:  # pydicom raises many types for bad files
-        raise ImageDecodeError(f"not a readable DICOM file ({type(err).__name__}: {err})") from None
+    ds = pydicom.dcmread(io.BytesIO(data))
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file has no pixel data")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
@@ -50,8 +55,10 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as err:
         raise ImageDecodeError(f"DICOM pixel data cannot be decoded ({type(err).__name__}: {err})") from None
-    if pixels.ndim == 3:  # multi-frame or colour: first frame, mean over channels
-        pixels = pixels[0] if pixels.shape[-1] not in (3, 4) else pixels[..., :3].mean(-1)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+        pixels = pixels[..., :3].mean(-1)  # colour: mean over channels
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     pixels = pixels * slope + intercept
@@ -85,22 +92,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if kind == "unknown":
         raise ImageDecodeError("not a PNG, JPEG or DICOM image (unrecognized leading bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width <= 0 or height <= 0:
-                    raise ImageDecodeError(f"image has zero size ({width}x{height})")
-                if width * height > max_pixels:
-                    raise ImageDecodeError(
-                        f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
-                    )
-                img.load()
-                gray = img.convert("L") if img.mode not in ("L", "I;16", "I") else img
-                array = np.asarray(gray)
+        # No warnings.catch_warnings() here: it swaps process-global state and is not thread-safe.
+        # PIL only warns above Image.MAX_IMAGE_PIXELS (~89 MP) and raises above twice that; the
+        # explicit check below is what enforces max_pixels before any pixel is decoded.
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise ImageDecodeError(f"image has zero size ({width}x{height})")
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+            img.load()
+            gray = img.convert("L") if img.mode not in ("L", "I;16", "I") else img
+            array = np.asarray(gray)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"decompression bomb guard: {err}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
         raise ImageDecodeError(f"cannot decode {kind.upper()} ({type(err).__name__}: {err})") from None

@@ -1,0 +1,154 @@
+"""Shards and manifest on the real S3 server, read back through Ray Data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from medfusion import storage
+from medfusion.config import DataConfig, PrepareConfig, SplitConfig, SynthConfig
+from medfusion.data.dataset import DatasetError, iter_local_batches, open_dataset, stream_split, verify_dataset
+from medfusion.data.prepare import run_prepare
+from medfusion.data.shards import DatasetExistsError, assign_split
+
+pytestmark = pytest.mark.integration
+
+DATA = DataConfig(image_size=32, batch_size=16, max_report_tokens=32, max_findings_tokens=32)
+
+
+def _prepare(uri, n=160, **kw):
+    cfg = PrepareConfig(source="synthetic", output_uri=uri, shard_size_mb=0.05,
+                        synth=SynthConfig(num_samples=n, image_size=32, seed=3), **kw)
+    return run_prepare(cfg)
+
+
+@pytest.fixture(scope="module")
+def dataset(s3_store):
+    uri = f"s3://{s3_store.state().bucket}/shards-module/ds"
+    result = _prepare(uri)
+    return uri, result
+
+
+def test_manifest_counts_checksums_and_version(dataset):
+    uri, result = dataset
+    info = open_dataset(uri, verify=True)
+    assert info.version == result.version and len(info.version) == 16
+    assert sum(result.rows.values()) == 160
+    assert all(result.rows[s] > 0 for s in ("train", "val", "test"))
+    shards = [s for v in info.manifest["splits"].values() for s in v["shards"]]
+    assert len(shards) > 3, "shard_size_mb=0.05 should give several shards"
+    assert {s["path"].split("/")[0] for s in shards} == {"train", "val", "test"}
+    assert all(s["path"].endswith(".parquet") and len(s["sha256"]) == 64 for s in shards)
+    assert info.manifest["source"]["type"] == "synthetic"
+    assert info.classes == SynthConfig().classes
+
+
+def test_splits_are_by_patient(dataset):
+    uri, _ = dataset
+    info = open_dataset(uri)
+    patients = {}
+    for split in ("train", "val", "test"):
+        for batch in iter_local_batches(info, split, DATA, extra_columns=("patient_id",)):
+            for pid in batch["patient_id"]:
+                patients.setdefault(pid, set()).add(split)
+    assert all(len(s) == 1 for s in patients.values()), "a patient appears in two splits"
+
+
+def test_tokenizer_is_built_from_the_training_split_only(s3_prefix):
+    # Patients in val/test only: a word that occurs only there must map to <unk>.
+    uri = s3_prefix + "/tok"
+    _prepare(uri, n=120)
+    info = open_dataset(uri)
+    train_words = set()
+    for batch in iter_local_batches(info, "train", DATA, extra_columns=("report", "findings")):
+        for text in list(batch["report"]) + list(batch["findings"]):
+            train_words.update(__import__("medfusion.data.tokenizer", fromlist=["x"]).split_words(str(text)))
+    assert set(info.tokenizer.vocab[4:]) == train_words
+
+
+def test_ray_data_streams_every_row_as_model_batches(dataset, ray_local):
+    uri, result = dataset
+    info = open_dataset(uri)
+    seen = 0
+    for batch in stream_split(info, "train", DATA).iter_batches(batch_size=16):
+        assert batch["image"].shape[1:] == (1, 32, 32) and batch["image"].dtype == np.float32
+        assert batch["report_ids"].shape[1] == 32 and batch["labels"].shape[1] == len(info.classes)
+        assert np.allclose(batch["labels"].sum(1), 1.0)
+        assert set(np.unique(batch["has_box"])) <= {0.0, 1.0}
+        seen += len(batch["image"])
+    assert seen == result.rows["train"]
+
+
+def test_ray_train_shards_split_the_rows(dataset, ray_local):
+    uri, result = dataset
+    ds = stream_split(open_dataset(uri), "train", DATA)
+    parts = ds.streaming_split(2, equal=True)  # what Ray Train does per worker
+    counts = [0, 0]
+
+    def consume(i):  # split iterators are consumed concurrently, as Ray Train workers do
+        counts[i] = sum(len(b["image"]) for b in parts[i].iter_batches(batch_size=16))
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert counts[0] == counts[1] and sum(counts) == result.rows["train"] - result.rows["train"] % 2
+
+
+def test_rerun_without_overwrite_is_refused_and_overwrite_replaces(s3_prefix):
+    uri = s3_prefix + "/again"
+    first = _prepare(uri, n=40)
+    with pytest.raises(DatasetExistsError, match="already exists.*--overwrite"):
+        _prepare(uri, n=40)
+    second = _prepare(uri, n=60, overwrite=True)
+    assert sum(second.rows.values()) == 60 and second.version != first.version
+    assert len(storage.list_files(uri)) == 3 + sum(len(v["shards"]) for v in open_dataset(uri).manifest["splits"].values())
+
+
+def test_leftovers_of_an_interrupted_write_are_refused(s3_prefix):
+    uri = s3_prefix + "/partial"
+    storage.write_bytes(storage.join(uri, "train", "part-00000.parquet"), b"half")
+    with pytest.raises(DatasetExistsError, match="no manifest.json"):
+        _prepare(uri, n=20)
+    with pytest.raises(DatasetError, match="no dataset here"):
+        open_dataset(uri)
+
+
+def test_corrupted_shard_is_reported_by_name(s3_prefix):
+    uri = s3_prefix + "/corrupt"
+    _prepare(uri, n=60)
+    info = open_dataset(uri)
+    victim = info.shard_uris("train")[0]
+    data = bytearray(storage.read_bytes(victim))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(victim, bytes(data))
+    with pytest.raises(DatasetError, match=r"shard .*train/part-00000\.parquet: sha256 mismatch \(expected"):
+        verify_dataset(open_dataset(uri))
+
+
+def test_split_assignment_is_stable():
+    assert assign_split("P1", 0.1, 0.1, "s") == assign_split("P1", 0.1, 0.1, "s")
+    splits = [assign_split(f"P{i}", 0.2, 0.1, "s") for i in range(5000)]
+    assert abs(splits.count("val") / 5000 - 0.2) < 0.03 and abs(splits.count("test") / 5000 - 0.1) < 0.03
+
+
+def test_cli_synth_and_inspect(s3_prefix):
+    uri = s3_prefix + "/cli"
+    cmd = [sys.executable, "-m", "medfusion.cli", "data", "synth", "--preset", "tiny", "--out", uri,
+           "synth.num_samples=50", "shard_size_mb=0.05"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"dataset {uri}" in out.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    inspect = subprocess.run([sys.executable, "-m", "medfusion.cli", "data", "inspect", uri, "--json"],
+                             capture_output=True, text=True, env=os.environ, timeout=300)
+    summary = json.loads(inspect.stdout)
+    assert sum(s["rows"] for s in summary["splits"].values()) == 50 and summary["verified_shards"] >= 3
