@@ -1,0 +1,201 @@
+"""MedFusionModel: image CNN + clinical-note BiLSTM + fusion + three task heads.
+
+Reimplements the architecture of "Integrating Medical Imaging and Clinical Reports Using Multimodal
+Deep Learning for Advanced Disease Analysis" (arXiv 2405.17459): a residual CNN encodes the image, a
+bidirectional LSTM with attention encodes the clinical note, a fusion layer joins them, and three
+heads are trained jointly - disease classification, lesion localization (one box + objectness) and
+findings generation (an LSTM decoder attending over image regions).
+
+The model is composed, not configured: `MedFusionModel` takes its parts as modules and plain
+numbers; `build_model(cfg, vocab_size, num_classes)` is the one place that reads a ModelConfig.
+Batches are the dicts of medfusion.data.batches (as tensors):
+
+    image (B, 1, S, S)  report_ids (B, Tr)  findings_ids (B, Tf)  labels (B, C)  box (B, 4)  has_box (B,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medfusion.config import ModelConfig
+from medfusion.models.decoder import FindingsDecoder
+from medfusion.models.fusion import build_fusion
+from medfusion.models.heads import BoxHead, ClassificationHead, box_losses, classification_loss, text_loss
+from medfusion.models.image_encoder import ImageEncoder, ImageFeatures
+from medfusion.models.text_encoder import PAD_ID, NoteEncoder, NoteFeatures
+
+TENSOR_KEYS = ("image", "report_ids", "findings_ids", "labels", "box", "has_box", "report_present")
+
+
+class MedFusionModel(nn.Module):
+    """Args:
+    image_encoder: image -> ImageFeatures (regions (B, R, D), pooled (B, D), attention (B, R)).
+    note_encoder: note ids -> NoteFeatures; None for the image_only ablation.
+    fusion: (ImageFeatures, NoteFeatures | None) -> fused (B, D).
+    classifier, box_head, decoder: the task heads.
+    multi_label: sigmoid/BCE classification instead of softmax/CE.
+    modality_dropout: training only, probability of hiding a sample's note.
+    loss_weights: weights of the "cls", "box" and "text" losses.
+    beam_size, max_decode_len: generation defaults.
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        note_encoder: NoteEncoder | None,
+        fusion: nn.Module,
+        classifier: ClassificationHead,
+        box_head: BoxHead,
+        decoder: FindingsDecoder,
+        *,
+        multi_label: bool = False,
+        modality_dropout: float = 0.0,
+        loss_weights: Mapping[str, float] | None = None,
+        beam_size: int = 1,
+        max_decode_len: int = 48,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.note_encoder = note_encoder
+        self.fusion = fusion
+        self.classifier = classifier
+        self.box_head = box_head
+        self.decoder = decoder
+        self.multi_label = multi_label
+        self.modality_dropout = modality_dropout
+        self.loss_weights = {"cls": 1.0, "box": 1.0, "text": 1.0, **(loss_weights or {})}
+        self.beam_size = beam_size
+        self.max_decode_len = max_decode_len
+        self.config: ModelConfig | None = None  # set by build_model; export needs it
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.embed.num_embeddings
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.linear.out_features
+
+    def encode(self, image: Tensor, report_ids: Tensor | None) -> tuple[ImageFeatures, NoteFeatures | None, Tensor]:
+        """Both encoders and the fusion: (image features, note features, fused (B, D))."""
+        image_features = self.image_encoder(image)
+        note_features = None
+        if self.note_encoder is not None:
+            if report_ids is None:  # no note column at all: every note absent
+                report_ids = torch.zeros((image.shape[0], 1), dtype=torch.long, device=image.device)
+            note_features = self.note_encoder(report_ids)
+        return image_features, note_features, self.fusion(image_features, note_features)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Outputs: logits (B, C), box (B, 4) normalized cxcywh, objectness (B,) logits,
+        image_attention / box_attention (B, h, w), note_attention (B, Tr), fused (B, D), regions (B, R, D),
+        and with `findings_ids` in the batch: decoder_logits (B, Tf-1, V), decoder_attention (B, Tf-1, R)."""
+        # Under DeepSpeed bf16 the weights are bf16 while batches arrive as float32.
+        image = batch["image"].to(self.image_encoder.stem[0].weight.dtype)
+        report_ids = batch.get("report_ids")
+        if self.training and self.modality_dropout > 0 and report_ids is not None:
+            # A new study has no note yet: hide it for some samples so the model learns without it.
+            keep = torch.rand(report_ids.shape[0], device=report_ids.device) >= self.modality_dropout
+            report_ids = report_ids * keep.unsqueeze(1)
+        image_features, note_features, fused = self.encode(image, report_ids)
+        batch_size, (height, width) = image.shape[0], image_features.grid
+        box, objectness, box_attention = self.box_head(fused, image_features)
+        out = {
+            "logits": self.classifier(fused),
+            "box": box,
+            "objectness": objectness,
+            "image_attention": image_features.attention.reshape(batch_size, height, width),
+            "box_attention": box_attention.reshape(batch_size, height, width),
+            "fused": fused,
+            "regions": image_features.regions,
+        }
+        if note_features is not None:
+            out["note_attention"] = note_features.weights
+        elif report_ids is not None:
+            out["note_attention"] = torch.zeros(report_ids.shape, dtype=fused.dtype, device=fused.device)
+        if batch.get("findings_ids") is not None:
+            out["decoder_logits"], out["decoder_attention"] = self.decoder(
+                batch["findings_ids"], image_features.regions, fused
+            )
+        return out
+
+    def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of classification, box (L1 + GIoU + objectness) and findings losses.
+
+        Returns the total (with grad) and every part, detached, including "total".
+        """
+        parts = {"cls": classification_loss(out["logits"], batch["labels"], self.multi_label)}
+        parts.update(box_losses(out["box"], out["objectness"], batch["box"], batch["has_box"]))
+        total = self.loss_weights["cls"] * parts["cls"] + self.loss_weights["box"] * parts["box"]
+        if "decoder_logits" in out:
+            parts["text"] = text_loss(out["decoder_logits"], batch["findings_ids"], PAD_ID)
+            total = total + self.loss_weights["text"] * parts["text"]
+        parts["total"] = total
+        return total, {name: value.detach() for name, value in parts.items()}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: Mapping[str, Tensor],
+        beam_size: int | None = None,
+        max_len: int | None = None,
+        outputs: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Findings token ids (B, max_len) without <bos>: <eos> then <pad>, or cut at max_len.
+
+        Pass `outputs` of a forward pass on the same batch to skip re-encoding it.
+        """
+        if outputs is None:
+            image = batch["image"].to(self.image_encoder.stem[0].weight.dtype)
+            image_features, _, fused = self.encode(image, batch.get("report_ids"))
+            regions = image_features.regions
+        else:
+            regions, fused = outputs["regions"], outputs["fused"]
+        return self.decoder.beam_search(regions, fused, beam_size or self.beam_size, max_len or self.max_decode_len)
+
+
+def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The model keys of a numpy (or tensor) batch as tensors on `device`; other keys are dropped."""
+    out: dict[str, Tensor] = {}
+    for key in TENSOR_KEYS:
+        if key in batch and batch[key] is not None:
+            value = batch[key]
+            tensor = value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))
+            out[key] = tensor.to(device, non_blocking=True)
+    return out
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> MedFusionModel:
+    """Assemble a MedFusionModel from a ModelConfig, a vocabulary size and a class count."""
+    if vocab_size < 5:
+        raise ValueError(f"vocab_size must be >= 5 (4 special tokens + words), got {vocab_size}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    dim = cfg.hidden_dim
+    note_encoder = None
+    if cfg.fusion != "image_only":
+        note_encoder = NoteEncoder(vocab_size, cfg.embed_dim, cfg.hidden_dim, dim, cfg.dropout)
+    model = MedFusionModel(
+        image_encoder=ImageEncoder(cfg.in_channels, list(cfg.cnn_widths), cfg.cnn_blocks, dim, cfg.dropout),
+        note_encoder=note_encoder,
+        fusion=build_fusion(cfg.fusion, dim, rank=cfg.bilinear_rank, heads=cfg.attention_heads, dropout=cfg.dropout),
+        classifier=ClassificationHead(dim, num_classes, cfg.dropout),
+        box_head=BoxHead(dim, cfg.dropout),
+        decoder=FindingsDecoder(vocab_size, cfg.embed_dim, cfg.decoder_dim, dim, cfg.dropout),
+        multi_label=cfg.multi_label,
+        modality_dropout=cfg.modality_dropout,
+        loss_weights={"cls": cfg.loss_cls, "box": cfg.loss_box, "text": cfg.loss_text},
+        beam_size=cfg.beam_size,
+        max_decode_len=cfg.max_decode_len,
+    )
+    model.config = cfg
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

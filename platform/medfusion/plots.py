@@ -1,0 +1,238 @@
+"""Evaluation figures (PNG): confusion matrix, ROC curves, predicted boxes with generated findings,
+image attention heatmaps and highlighted note tokens.
+
+Each ``plot_*(..., path) -> path`` draws on its own matplotlib Figure with the Agg canvas (no pyplot,
+no global backend switch, safe in worker threads) and writes through medfusion.storage, so `path`
+may be local or ``s3://``. Images are either uint8 (H, W) or the model's normalized float input
+((1, S, S) or (S, S)); boxes are normalized xyxy.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from medfusion import storage
+from medfusion.data.images import MEAN, STD
+
+TRUE_COLOR = "#2ca02c"
+PRED_COLOR = "#d62728"
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    storage.write_bytes(path, buf.getvalue())
+    return path
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """A (H, W) float image in [0, 1] from uint8 pixels or the model's normalized input."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[0]
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    return np.clip(image.astype(np.float32) * STD + MEAN, 0.0, 1.0)
+
+
+def _grid(n: int, ncols: int) -> tuple[int, int]:
+    ncols = max(1, min(ncols, n))
+    return (n + ncols - 1) // ncols, ncols
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[float]], class_names: Sequence[str], path: str) -> str:
+    """Rows are true classes, columns predicted, cells annotated with counts (row-normalized colour)."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"plot_confusion_matrix: expected a square (C, C) matrix, got shape {counts.shape}")
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    n = len(class_names)
+    fig = _figure(1.2 + 0.7 * n, 1.0 + 0.6 * n)
+    ax = fig.add_subplot()
+    im = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(
+                j, i, f"{int(counts[i, j])}", ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black"
+            )
+    ax.set_title("Confusion matrix")
+    return _save(fig, path)
+
+
+def plot_roc_curves(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: str) -> str:
+    """One-vs-rest ROC curve per class (classes without positives and negatives are skipped)."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    probs_t = torch.as_tensor(np.asarray(probs, dtype=np.float32))
+    labels_t = torch.as_tensor(np.asarray(labels)).round().long()
+    fig = _figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    for c, name in enumerate(class_names):
+        if int(labels_t[:, c].sum()) in (0, len(labels_t)):
+            continue
+        fpr, tpr, _ = binary_roc(probs_t[:, c], labels_t[:, c])
+        auc = float(binary_auroc(probs_t[:, c], labels_t[:, c]))
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC (one vs rest)")
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def _draw_box(ax: Any, box: Sequence[float], size: tuple[int, int], color: str, style: str = "-") -> None:
+    from matplotlib.patches import Rectangle
+
+    height, width = size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ax.add_patch(
+        Rectangle(
+            (x0 * width - 0.5, y0 * height - 0.5),
+            (x1 - x0) * width,
+            (y1 - y0) * height,
+            fill=False,
+            edgecolor=color,
+            linewidth=1.5,
+            linestyle=style,
+        )
+    )
+
+
+def plot_predictions(
+    images: Sequence[np.ndarray],
+    path: str,
+    *,
+    true_boxes: Sequence[Sequence[float] | None] | None = None,
+    pred_boxes: Sequence[Sequence[float] | None] | None = None,
+    findings: Sequence[str] | None = None,
+    titles: Sequence[str] | None = None,
+    ncols: int = 4,
+) -> str:
+    """A grid of images with the true box (green), the predicted box (red, dashed) and the text under each.
+
+    A None box (or a None list) is not drawn: pass None as the predicted box where objectness is low.
+    """
+    n = len(images)
+    rows, cols = _grid(n, ncols)
+    fig = _figure(3.2 * cols, 4.2 * rows)
+    for i, image in enumerate(images):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        pixels = _display(image)
+        ax.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
+        if true_boxes is not None and true_boxes[i] is not None:
+            _draw_box(ax, true_boxes[i], pixels.shape, TRUE_COLOR)
+        if pred_boxes is not None and pred_boxes[i] is not None:
+            _draw_box(ax, pred_boxes[i], pixels.shape, PRED_COLOR, "--")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+        if findings is not None:
+            ax.set_xlabel("\n".join(textwrap.wrap(findings[i] or "(empty)", 38)[:5]), fontsize=7)
+    return _save(fig, path)
+
+
+def plot_attention(
+    images: Sequence[np.ndarray],
+    attention: Sequence[np.ndarray],
+    path: str,
+    *,
+    titles: Sequence[str] | None = None,
+    ncols: int = 4,
+) -> str:
+    """Each image with its (h, w) spatial attention stretched over it as a translucent heatmap."""
+    n = len(images)
+    rows, cols = _grid(n, ncols)
+    fig = _figure(3.0 * cols, 3.2 * rows)
+    for i, image in enumerate(images):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        pixels = _display(image)
+        height, width = pixels.shape
+        weights = np.asarray(attention[i], dtype=np.float32)
+        ax.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, width, height, 0))
+        ax.imshow(
+            weights / max(float(weights.max()), 1e-12),
+            cmap="jet",
+            alpha=0.45,
+            vmin=0.0,
+            vmax=1.0,
+            extent=(0, width, height, 0),
+            interpolation="bilinear",
+        )
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    return _save(fig, path)
+
+
+def plot_note_attention(
+    notes: Sequence[Sequence[tuple[str, float]]],
+    path: str,
+    *,
+    titles: Sequence[str] | None = None,
+    line_chars: int = 70,
+) -> str:
+    """Note tokens laid out as text, each highlighted in proportion to its attention weight."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["Oranges"]
+    layouts = []  # per note: list of (line, column, token, weight)
+    for tokens in notes:
+        line, column, placed = 0, 0, []
+        for token, weight in tokens:
+            if column and column + len(token) > line_chars:
+                line, column = line + 1, 0
+            placed.append((line, column, token, float(weight)))
+            column += len(token) + 1
+        layouts.append((placed, line + 1))
+    total_lines = sum(lines + 2 for _, lines in layouts) or 1
+    fig = _figure(0.11 * line_chars + 0.5, 0.28 * total_lines + 0.3)
+    ax = fig.add_subplot()
+    ax.set_xlim(0, line_chars)
+    ax.set_ylim(total_lines, 0)
+    ax.axis("off")
+    y = 0.0
+    for k, (placed, lines) in enumerate(layouts):
+        title = titles[k] if titles is not None else f"note {k + 1}"
+        ax.text(0, y + 0.5, title, fontsize=9, fontweight="bold", va="center")
+        peak = max((w for *_, w in placed), default=0.0) or 1.0
+        if not placed:
+            ax.text(0, y + 1.5, "(no note)", fontsize=9, family="monospace", va="center", color="grey")
+        for line, column, token, weight in placed:
+            shade = 0.85 * weight / peak
+            ax.text(
+                column,
+                y + 1.5 + line,
+                token,
+                fontsize=9,
+                family="monospace",
+                va="center",
+                color="white" if shade > 0.55 else "black",
+                bbox={"facecolor": cmap(shade), "edgecolor": "none", "pad": 1.0},
+            )
+        y += lines + 2
+    return _save(fig, path)

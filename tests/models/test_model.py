@@ -1,0 +1,224 @@
+"""MedFusionModel: shapes over every registered variant x fusion, gradients, empty notes, decoding."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from medfusion.config import FUSIONS, ConfigError, ModelConfig
+from medfusion.data.tokenizer import EOS_ID, PAD_ID
+from medfusion.models import (
+    MODEL_REGISTRY,
+    build_model,
+    count_parameters,
+    create_model,
+    cxcywh_to_xyxy,
+    list_models,
+    paired_giou,
+    paired_iou,
+    preset_config,
+    xyxy_to_cxcywh,
+)
+
+# Grid side at 64 px: every ResNet stage halves the resolution.
+GRID = {"medfusion_tiny": 8, "medfusion_small": 4, "medfusion_base": 4}
+
+
+def test_registry_has_every_preset():
+    assert {"medfusion_tiny", "medfusion_small", "medfusion_base"} <= set(list_models())
+    with pytest.raises(KeyError, match="medfusion_huge"):
+        create_model("medfusion_huge", 100, 3)
+
+
+@pytest.mark.parametrize("name, fusion", list(itertools.product(sorted(MODEL_REGISTRY), FUSIONS)))
+def test_forward_shapes(synth_data, name, fusion):
+    torch.manual_seed(0)
+    batch = synth_data.batch(0, 3)
+    vocab, classes = len(synth_data.tokenizer), len(synth_data.classes)
+    model = create_model(name, vocab, classes, fusion=fusion).eval()
+    out = model(batch)
+    grid = GRID[name]
+    dim = model.config.hidden_dim
+    tf = batch["findings_ids"].shape[1]
+    expected = {
+        "logits": (3, classes),
+        "box": (3, 4),
+        "objectness": (3,),
+        "image_attention": (3, grid, grid),
+        "box_attention": (3, grid, grid),
+        "note_attention": tuple(batch["report_ids"].shape),
+        "fused": (3, dim),
+        "regions": (3, grid * grid, dim),
+        "decoder_logits": (3, tf - 1, vocab),
+        "decoder_attention": (3, tf - 1, grid * grid),
+    }
+    assert {k: tuple(v.shape) for k, v in out.items()} == expected
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert torch.allclose(out["image_attention"].sum(dim=(1, 2)), torch.ones(3), atol=1e-5)
+    assert ((out["box"] >= 0) & (out["box"] <= 1)).all()
+    total, parts = model.loss(batch, out)
+    assert torch.isfinite(total) and set(parts) == {"cls", "box_l1", "box_giou", "objectness", "box", "text", "total"}
+    generated = model.generate(batch, beam_size=2, max_len=6)
+    assert generated.shape == (3, 6) and generated.dtype == torch.long
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_gradients_reach_every_parameter(synth_data, fusion):
+    """After one backward on a batch with notes, boxes and no-box images, every parameter has a
+    non-zero gradient. The one that legitimately could not is `note_encoder.no_note`, which only
+    learns from samples without a note: the batch includes one. image_only builds no note encoder."""
+    torch.manual_seed(0)
+    batch = synth_data.batch(0, 16)
+    batch["report_ids"][0] = PAD_ID
+    assert batch["has_box"].sum() > 0 and (batch["has_box"] == 0).any()
+    model = create_model(
+        "medfusion_tiny", len(synth_data.tokenizer), len(synth_data.classes), fusion=fusion, modality_dropout=0.0
+    )
+    model.train()
+    total, _ = model.loss(batch, model(batch))
+    total.backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
+    assert missing == []
+    assert (model.note_encoder is None) == (fusion == "image_only")
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_all_empty_notes_give_no_nan(synth_data, fusion):
+    torch.manual_seed(0)
+    batch = synth_data.batch(0, 8, drop_notes=True)
+    assert (batch["report_ids"] == PAD_ID).all()
+    model = create_model("medfusion_tiny", len(synth_data.tokenizer), len(synth_data.classes), fusion=fusion)
+    model.train()
+    out = model(batch)
+    total, _ = model.loss(batch, out)
+    total.backward()
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert (out["note_attention"] == 0).all()
+    # No note column at all behaves like all-empty notes.
+    model.eval()
+    no_column = {k: v for k, v in batch.items() if k != "report_ids"}
+    assert torch.allclose(model(no_column)["logits"], model(batch)["logits"], atol=1e-6)
+
+
+def test_modality_dropout_hides_the_note(synth_data):
+    """With modality_dropout=1 a training forward pass sees every note as absent."""
+    batch = synth_data.batch(0, 6)
+    model = create_model(
+        "medfusion_tiny", len(synth_data.tokenizer), len(synth_data.classes), dropout=0.0, modality_dropout=1.0
+    )
+    dropped = model.train()(batch)["logits"]
+    empty = model.eval()({**batch, "report_ids": torch.zeros_like(batch["report_ids"])})["logits"]
+    with_note = model.eval()(batch)["logits"]
+    assert torch.allclose(dropped, empty, atol=1e-6)
+    assert not torch.allclose(with_note, empty, atol=1e-6)
+
+
+def test_beam_search_is_batched_and_consistent(synth_data):
+    torch.manual_seed(0)
+    batch = synth_data.batch(0, 4)
+    model = create_model("medfusion_tiny", len(synth_data.tokenizer), len(synth_data.classes)).eval()
+    greedy = model.decoder.greedy(*_decoder_inputs(model, batch), max_len=12)
+    assert torch.equal(model.generate(batch, beam_size=1, max_len=12), greedy)
+    beams = model.generate(batch, beam_size=3, max_len=12)
+    one_by_one = torch.cat([model.generate({k: v[i : i + 1] for k, v in batch.items()}, 3, 12) for i in range(4)])
+    assert torch.equal(beams, one_by_one)
+    for row in beams.tolist():  # after <eos>, only <pad>
+        if EOS_ID in row:
+            assert set(row[row.index(EOS_ID) + 1 :]) <= {PAD_ID}
+
+
+def _decoder_inputs(model, batch):
+    image, _, fused = model.encode(batch["image"], batch["report_ids"])
+    return image.regions, fused
+
+
+def test_beam_search_prefers_the_likelier_sequence():
+    """A 2-step toy where greedy's first choice leads to a worse sequence: beam search finds the best."""
+    from medfusion.models import FindingsDecoder
+
+    decoder = FindingsDecoder(vocab_size=6, embed_dim=4, hidden_dim=4, context_dim=4)
+    # first step: token 4 (p=.4) vs 5 (p=.35); after 4 everything is flat, after 5 <eos> is certain
+    table = {2: [-9, -9, -9, -9, 0.4, 0.35], 4: [0.1, 0.1, 0.1, 0.2, 0.2, 0.2], 5: [0, 0, 0, 1, 0, 0]}
+
+    def step(tokens, state, regions, fused):
+        probs = torch.tensor([table.get(int(t), table[4]) for t in tokens[:, -1]]).clamp(min=1e-9)
+        return probs.log().unsqueeze(1), None, state
+
+    decoder.step = step  # type: ignore[method-assign]
+    regions, fused = torch.zeros(1, 2, 4), torch.zeros(1, 4)
+    assert decoder.greedy(regions, fused, 2).tolist() == [[4, 3]]
+    assert decoder.beam_search(regions, fused, 2, 2).tolist() == [[5, 3]]
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_bf16_weights_take_float32_batches(synth_data, multi_label):
+    """DeepSpeed bf16 casts the weights, not the batches: forward, loss and generate still work."""
+    batch = synth_data.batch(0, 4)
+    model = create_model(
+        "medfusion_tiny", len(synth_data.tokenizer), len(synth_data.classes), multi_label=multi_label
+    ).to(torch.bfloat16)
+    total, _ = model.loss(batch, model(batch))
+    total.backward()
+    assert torch.isfinite(total.float())
+    assert model.eval().generate(batch, beam_size=2, max_len=5).shape == (4, 5)
+
+
+def test_multi_label_uses_sigmoid_bce(synth_data):
+    batch = synth_data.batch(0, 4)
+    batch["labels"][:, 0] = 1.0  # two labels on some rows
+    model = create_model("medfusion_tiny", len(synth_data.tokenizer), len(synth_data.classes), multi_label=True)
+    out = model(batch)
+    _, parts = model.loss(batch, out)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], batch["labels"])
+    assert torch.allclose(parts["cls"], expected.detach())
+
+
+@pytest.mark.parametrize(
+    "a, b, iou, giou",
+    [
+        ([0.1, 0.1, 0.5, 0.5], [0.1, 0.1, 0.5, 0.5], 1.0, 1.0),
+        ([0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 0.75, 0.5], 1 / 3, 1 / 3),
+        ([0.0, 0.0, 0.2, 0.2], [0.8, 0.8, 1.0, 1.0], 0.0, 0.08 / 1.0 - 1.0),
+    ],
+)
+def test_box_iou_and_giou(a, b, iou, giou):
+    a_t, b_t = torch.tensor(a), torch.tensor(b)
+    assert paired_iou(a_t, b_t)[0].item() == pytest.approx(iou, abs=1e-5)
+    assert paired_giou(a_t, b_t).item() == pytest.approx(giou, abs=1e-5)
+    assert torch.allclose(cxcywh_to_xyxy(xyxy_to_cxcywh(a_t)), a_t)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rgb_stem_takes_grayscale_and_rgb_images(synth_data, channels):
+    batch = synth_data.batch(0, 2)
+    batch["image"] = batch["image"].expand(-1, channels, -1, -1)
+    model = create_model("medfusion_tiny", len(synth_data.tokenizer), len(synth_data.classes), in_channels=3)
+    assert model(batch)["logits"].shape == (2, len(synth_data.classes))
+
+
+def test_tiny_preset_is_about_one_megabyte():
+    model = create_model("medfusion_tiny", vocab_size=300, num_classes=7)
+    assert count_parameters(model) * 4 < 2_000_000
+
+
+def test_build_model_records_its_config():
+    cfg = preset_config("tiny", fusion="bilinear")
+    model = build_model(cfg, 50, 3)
+    assert model.config is cfg and model.vocab_size == 50 and model.num_classes == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"fusion": "cross_attention", "hidden_dim": 60, "attention_heads": 8}, "model.attention_heads"),
+        ({"fusion": "late"}, "model.fusion"),
+        ({"bilinear_rank": 0}, "model.bilinear_rank"),
+    ],
+)
+def test_model_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**overrides)

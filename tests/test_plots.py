@@ -1,0 +1,55 @@
+"""medfusion.plots: every figure is written as a PNG that PIL can open."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from medfusion import plots
+from PIL import Image
+
+CLASSES = ["normal", "pneumonia", "nodule"]
+RNG = np.random.default_rng(0)
+IMAGES_U8 = [RNG.integers(0, 255, (64, 64), dtype=np.uint8) for _ in range(3)]
+IMAGES_MODEL = [RNG.normal(size=(1, 64, 64)).astype(np.float32) for _ in range(3)]  # normalized model input
+TARGET = np.array([0, 1, 2, 1, 0, 2])
+PROBS = np.eye(3)[TARGET] * 0.6 + 0.4 * RNG.dirichlet(np.ones(3), 6)
+
+CASES = {
+    "confusion": lambda path: plots.plot_confusion_matrix([[3, 1, 0], [0, 2, 1], [1, 0, 4]], CLASSES, path),
+    "roc": lambda path: plots.plot_roc_curves(PROBS, np.eye(3)[TARGET], CLASSES, path),
+    "predictions": lambda path: plots.plot_predictions(
+        IMAGES_U8,
+        path,
+        true_boxes=[[0.1, 0.1, 0.4, 0.5], None, [0.5, 0.5, 0.9, 0.8]],
+        pred_boxes=[[0.12, 0.1, 0.45, 0.5], [0.2, 0.2, 0.3, 0.3], None],
+        findings=["nodule in the right upper zone. " * 4, "", "the lungs are clear."],
+        titles=["true: nodule / pred: nodule", "true: normal / pred: normal", "true: x / pred: y"],
+    ),
+    "predictions-model-input": lambda path: plots.plot_predictions(IMAGES_MODEL, path, ncols=2),
+    "attention": lambda path: plots.plot_attention(IMAGES_MODEL, [RNG.dirichlet(np.ones(64)).reshape(8, 8)] * 3, path),
+    "note-attention": lambda path: plots.plot_note_attention(
+        [[("fever", 0.5), ("and", 0.05), ("productive", 0.2), ("cough", 0.25)] * 8, []], path, titles=["a", "b"]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_plot_writes_a_png(tmp_path, name):
+    path = str(tmp_path / "sub" / f"{name}.png")
+    assert CASES[name](path) == path
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+
+def test_importing_plots_does_not_import_matplotlib():
+    """The backend is chosen per figure (an Agg canvas) inside each function, never at import."""
+    code = "import sys, medfusion.plots; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_confusion_matrix_must_be_square(tmp_path):
+    with pytest.raises(ValueError, match="square"):
+        plots.plot_confusion_matrix([[1, 2, 3]], CLASSES, str(tmp_path / "x.png"))
