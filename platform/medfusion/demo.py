@@ -33,7 +33,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import numpy as np
     import ray
 
-    from medfusion.data.dataset import open_dataset, stream_split, summarize
+    from medfusion.data.dataset import open_dataset, quiet_ray_data, stream_split, summarize
     from medfusion.data.prepare import run_prepare
 
     store = Store(cfg.store_root)
@@ -50,6 +50,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     info = open_dataset(cfg.dataset_uri, verify=True)
     data_cfg = DataConfig(**preset_values(cfg.preset, "data"))
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    quiet_ray_data()
     try:
         start = time.perf_counter()
         samples, batches, with_box, report_tokens = 0, 0, 0, 0

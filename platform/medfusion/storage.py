@@ -49,7 +49,8 @@ _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
 def s3_filesystem() -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem from the standard AWS environment variables (cached per env, so
     connections are reused across calls)."""
-    return _s3_filesystem(tuple(os.environ.get(k) for k in _AWS_ENV))
+    # The pid is part of the key: the AWS SDK client must not be shared across fork().
+    return _s3_filesystem((os.getpid(), *(os.environ.get(k) for k in _AWS_ENV)))
 
 
 @functools.lru_cache(maxsize=8)

@@ -167,7 +167,7 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     """Run the three measurements and return the benchmark JSON object (DESIGN.md)."""
     import ray
 
-    from medfusion.data.dataset import open_dataset
+    from medfusion.data.dataset import open_dataset, quiet_ray_data
 
     started_store = None
     if not cfg.data_uri and not os.environ.get("AWS_ENDPOINT_URL"):
@@ -186,6 +186,7 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     info_n, info_4n = open_dataset(uris[cfg.samples]), open_dataset(uris[4 * cfg.samples])
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    quiet_ray_data()
     try:
         ray_data_warm = _ray_data(info_n, data_cfg)  # warm-up: worker start, imports
         ray_data = _ray_data(info_n, data_cfg)

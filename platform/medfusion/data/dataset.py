@@ -203,6 +203,10 @@ def stream_split(
     paths = [storage.filesystem(u)[1] for u in uris]
     columns = MODEL_COLUMNS + [c for c in extra_columns if c not in MODEL_COLUMNS]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle=None)
+    if isinstance(concurrency, int):
+        lo = hi = concurrency
+    else:
+        lo, hi = concurrency or (1, max(1, _cpu_count()))
     return ds.map_batches(
         Preprocess,
         fn_constructor_kwargs={
@@ -218,9 +222,21 @@ def stream_split(
         },
         batch_size=data_cfg.batch_size,
         batch_format="numpy",
-        concurrency=concurrency or (1, max(1, _cpu_count())),
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         zero_copy_batch=True,
     )
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's per-operator progress logging out of command output (benchmarks, demo)."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _cpu_count() -> int:
