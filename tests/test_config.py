@@ -10,7 +10,7 @@ import yaml
 
 from medfusion import config as C
 
-CONFIG_CLASSES = [C.SynthConfig, C.SplitConfig, C.PrepareConfig, C.DataConfig, C.ModelConfig, C.IngestBenchConfig]
+CONFIG_CLASSES = [C.SynthConfig, C.SplitConfig, C.PrepareConfig, C.DataConfig, C.ModelConfig, C.IngestBenchConfig, C.EvaluateConfig]
 SECTIONS = {"model": C.ModelConfig, "data": C.DataConfig, "synth": C.SynthConfig}
 
 

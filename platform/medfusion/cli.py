@@ -161,6 +161,17 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medfusion.evaluate import run_evaluate
+
+    given = {"model_uri": args.model, "data_uri": args.data, "output_uri": args.out, "split": args.split}
+    cfg = _load(C.EvaluateConfig, args, {key: value for key, value in given.items() if value})
+    _use_local_store_env(args.store_root)
+    result = run_evaluate(cfg)
+    print(result.summary())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from medfusion.demo import DemoConfig, run_demo
 
@@ -214,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     bi = _config_parser(bench_sub, "ingest", C.IngestBenchConfig, "Ray Data vs a PyTorch DataLoader vs the decode ceiling", presets=False)
     bi.add_argument("--samples", type=int, help="N (same as samples=N)")
     bi.set_defaults(func=cmd_bench_ingest)
+    evaluate = _config_parser(
+        groups, "evaluate", C.EvaluateConfig, "score an exported model on a dataset split: metrics.json, plots, report.html",
+        presets=False,
+    )
+    evaluate.add_argument("--model", help="export folder of the model (path or s3://); same as model_uri=")
+    evaluate.add_argument("--data", help="dataset root (path or s3://); same as data_uri=")
+    evaluate.add_argument("--out", help="output folder (default: eval-<split> next to the model); same as output_uri=")
+    evaluate.add_argument("--split", help="train, val or test (default: test); same as split=")
+    evaluate.set_defaults(func=cmd_evaluate)
+
     from medfusion.demo import DemoConfig
 
     demo = _config_parser(groups, "demo", DemoConfig, "the main job end to end on the embedded local store and Ray", presets=False)

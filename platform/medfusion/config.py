@@ -305,7 +305,7 @@ class EvaluateConfig:
     engine: str = "local"
     """local: shards read with pyarrow in this process; ray: Ray Data map_batches with the Predictor as actors."""
     concurrency: int = 1
-    """engine=ray: number of Predictor actors (each loads the model once)."""
+    """engine=ray: most Predictor actors (the pool grows from 1; each actor loads the model once)."""
     device: str = "cpu"
     """cpu, cuda or auto (cuda when available); with engine=ray and cuda each actor gets one GPU."""
     beam_size: int = 0
@@ -328,6 +328,340 @@ class EvaluateConfig:
         )
         _check(self.beam_size >= 0, "beam_size", f"must be >= 0 (0 = the model's), got {self.beam_size}")
         _check(1 <= self.num_images <= 64, "num_images", f"must be in [1, 64], got {self.num_images}")
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServeAutoscalingConfig:
+    """Ray Serve autoscaling of the model deployment (field names are Serve's own)."""
+
+    min_replicas: int = 1
+    """Fewest model replicas, also the number started."""
+    max_replicas: int = 2
+    """Most model replicas the autoscaler may run."""
+    target_ongoing_requests: float = 16.0
+    """Requests in flight per replica the autoscaler aims for (about one full batch)."""
+    upscale_delay_s: float = 10.0
+    """How long the load must stay above target before a replica is added."""
+    downscale_delay_s: float = 60.0
+    """How long the load must stay below target before a replica is removed."""
+    look_back_period_s: float = 10.0
+    """Window over which ongoing requests are averaged."""
+    metrics_interval_s: float = 2.0
+    """How often replicas and handles report their load to the autoscaler."""
+
+    def __post_init__(self) -> None:
+        _check(self.min_replicas >= 0, "autoscaling.min_replicas", f"must be >= 0, got {self.min_replicas}")
+        _check(
+            self.max_replicas >= max(self.min_replicas, 1),
+            "autoscaling.max_replicas",
+            f"must be >= max(min_replicas, 1) = {max(self.min_replicas, 1)}, got {self.max_replicas}",
+        )
+        _check(self.target_ongoing_requests > 0, "autoscaling.target_ongoing_requests", "must be > 0")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            value = getattr(self, name)
+            _check(0 <= value <= 86_400, f"autoscaling.{name}", f"must be in [0, 86400], got {value}")
+        for name in ("look_back_period_s", "metrics_interval_s"):
+            value = getattr(self, name)
+            _check(0 < value <= 3_600, f"autoscaling.{name}", f"must be in (0, 3600], got {value}")
+
+
+@dataclass
+class ServeLimitsConfig:
+    """What the HTTP ingress accepts; anything beyond gets a 4xx, never a 500."""
+
+    max_body_bytes: int = 16 * 2**20
+    """Largest request body (Content-Length and streamed size): 413 beyond it."""
+    max_pixels: int = 40_000_000
+    """Largest image in pixels (width x height, read from the header before decoding): 422 beyond it.
+    The decompression-bomb guard; equal to medfusion.data.images.DEFAULT_MAX_PIXELS by default."""
+    max_report_chars: int = 20_000
+    """Longest clinical note in characters: 422 beyond it (the model reads only its first tokens anyway)."""
+    request_timeout_s: float = 30.0
+    """Deadline of one request inside the ingress: 408 when the body is not received in time, 504 when
+    the prediction is not ready in time."""
+    retry_after_s: float = 1.0
+    """Retry-After (seconds, rounded up) sent with 503 answers (queue full, model unavailable)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_body_bytes >= 1024, "limits.max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
+        _check(self.max_pixels >= 1, "limits.max_pixels", f"must be >= 1, got {self.max_pixels}")
+        _check(self.max_report_chars >= 1, "limits.max_report_chars", f"must be >= 1, got {self.max_report_chars}")
+        _check(
+            0 < self.request_timeout_s <= 3_600,
+            "limits.request_timeout_s",
+            f"must be in (0, 3600], got {self.request_timeout_s}",
+        )
+        _check(0 <= self.retry_after_s <= 3_600, "limits.retry_after_s", f"must be in [0, 3600], got {self.retry_after_s}")
+
+
+@dataclass
+class ServeConfig:
+    """The online inference application (`medfusion serve`, `medfusion.serve.app:build_app` args)."""
+
+    model: str = ""
+    """The model: an export folder (local path or s3://...), or NAME[:VERSION] from the registry at
+    registry_uri (VERSION defaults to latest)."""
+    registry_uri: str = ""
+    """Model registry root (local path or s3://...); needed only when model is NAME[:VERSION]."""
+    device: str = "cpu"
+    """Torch device of the model replicas: cpu, cuda, cuda:N or auto."""
+    beam_size: int = 0
+    """Beam width of the findings decoder (0: the exported model's setting)."""
+    max_decode_len: int = 0
+    """Longest generated findings in tokens (0: the exported model's setting)."""
+    max_batch_size: int = 16
+    """Largest dynamic batch of the model deployment (@serve.batch)."""
+    batch_wait_timeout_s: float = 0.005
+    """How long a partial batch waits for more requests before it runs."""
+    max_ongoing_requests: int = 32
+    """Requests one model replica holds at once (>= max_batch_size, so the next batch fills while one runs)."""
+    max_queued_requests: int = 256
+    """Requests queued per caller for the model beyond that; more get 503 with Retry-After (-1: no limit)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per model replica."""
+    num_gpus: float = 0.0
+    """GPUs reserved per model replica (set device=cuda or auto with it)."""
+    torch_threads: int = 0
+    """torch intra-op threads per model replica (0: torch's default)."""
+    ingress_replicas: int = 1
+    """Replicas of the HTTP ingress (parsing, validation, auth; it holds no model)."""
+    ingress_max_ongoing_requests: int = 512
+    """Requests one ingress replica holds at once; the proxy answers 503 beyond that and max_queued_requests."""
+    ingress_num_cpus: float = 0.0
+    """CPUs reserved per ingress replica (it mostly waits on the model, like Serve's proxy, which reserves none)."""
+    auth_token_env: str = "MEDFUSION_SERVE_TOKEN"
+    """Environment variable holding the bearer token; when it is set and not empty, /v1 requires it."""
+    auth_token_file: str = ""
+    """File holding the bearer token (e.g. a mounted Kubernetes secret); takes precedence over auth_token_env."""
+    autoscaling: ServeAutoscalingConfig = field(default_factory=ServeAutoscalingConfig)
+    """Autoscaling of the model deployment."""
+    limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
+    """Request limits and timeouts of the ingress."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be cpu, cuda, cuda:N or auto, got {self.device!r}",
+        )
+        _check(self.beam_size >= 0, "beam_size", f"must be >= 0, got {self.beam_size}")
+        _check(self.max_decode_len == 0 or self.max_decode_len >= 2, "max_decode_len", "must be 0 or >= 2")
+        _check(1 <= self.max_batch_size <= 1024, "max_batch_size", f"must be in [1, 1024], got {self.max_batch_size}")
+        _check(0 <= self.batch_wait_timeout_s <= 10, "batch_wait_timeout_s", "must be in [0, 10]")
+        _check(
+            self.max_ongoing_requests >= self.max_batch_size,
+            "max_ongoing_requests",
+            f"must be >= max_batch_size ({self.max_batch_size}), got {self.max_ongoing_requests}",
+        )
+        _check(
+            self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+            "max_queued_requests",
+            f"must be -1 (no limit) or >= 1, got {self.max_queued_requests}",
+        )
+        _check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus/num_gpus", "must be >= 0")
+        _check(self.torch_threads >= 0, "torch_threads", f"must be >= 0, got {self.torch_threads}")
+        _check(self.ingress_replicas >= 1, "ingress_replicas", f"must be >= 1, got {self.ingress_replicas}")
+        _check(self.ingress_max_ongoing_requests >= 1, "ingress_max_ongoing_requests", "must be >= 1")
+        _check(self.ingress_num_cpus >= 0, "ingress_num_cpus", f"must be >= 0, got {self.ingress_num_cpus}")
+
+
+@dataclass
+class ServeBenchConfig:
+    """`medfusion bench serve`: the Serve app (batched) vs plain FastAPI/uvicorn vs offline forward."""
+
+    model: str = ""
+    """Export to serve (path or s3://); empty writes an untrained `tiny` export to a temporary folder."""
+    requests: int = 400
+    """Requests per system and concurrency level (bounded; see also max_seconds)."""
+    max_seconds: float = 30.0
+    """Time limit per system and concurrency level; the level stops at whichever comes first."""
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """Closed-loop client concurrency levels."""
+    warmup_requests: int = 16
+    """Requests sent before each system is measured (not counted)."""
+    image_size: int = 128
+    """Side of the synthetic request images in pixels (PNG)."""
+    with_report: bool = True
+    """Send the synthetic clinical note with each request."""
+    max_batch_size: int = 32
+    """Dynamic batch size of the Serve app, and the offline batch size."""
+    batch_wait_timeout_s: float = 0.005
+    """Batch wait of the Serve app."""
+    model_replicas: int = 1
+    """Model replicas of the Serve app (fixed: autoscaling would blur the comparison)."""
+
+    def __post_init__(self) -> None:
+        _check(self.requests >= 10, "requests", f"must be >= 10, got {self.requests}")
+        _check(0 < self.max_seconds <= 3_600, "max_seconds", f"must be in (0, 3600], got {self.max_seconds}")
+        _check(
+            bool(self.concurrency) and all(1 <= c <= 1024 for c in self.concurrency),
+            "concurrency",
+            f"must be a non-empty list of values in [1, 1024], got {self.concurrency}",
+        )
+        _check(self.warmup_requests >= 0, "warmup_requests", "must be >= 0")
+        _check(16 <= self.image_size <= 4096, "image_size", f"must be in [16, 4096], got {self.image_size}")
+        _check(1 <= self.max_batch_size <= 1024, "max_batch_size", "must be in [1, 1024]")
+        _check(0 <= self.batch_wait_timeout_s <= 10, "batch_wait_timeout_s", "must be in [0, 10]")
+        _check(self.model_replicas >= 1, "model_replicas", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+STRATEGIES = ("deepspeed", "ddp")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+SELECT_MODES = ("auto", "min", "max")
+# What validation reports each epoch (all-reduced over workers); select_metric is one of these.
+VAL_METRICS = ("val_loss", "val_cls_loss", "val_box_loss", "val_text_loss", "val_accuracy", "val_mean_iou")
+
+
+@dataclass
+class TrainConfig:
+    """The train stage: Ray Train workers stream their dataset shard and train through DeepSpeed (or DDP)."""
+
+    dataset_uri: str = ""
+    """Dataset root (local path or s3://) holding manifest.json, as written by `medfusion data`."""
+    storage_uri: str = "s3://medfusion/runs"
+    """Where runs are stored (local folder or s3://); a run's folder is <storage_uri>/<name>."""
+    name: str = ""
+    """Run name (its folder under storage_uri); empty makes train-<UTC time>-<random>."""
+    resume: str = ""
+    """Run folder to continue from its newest checkpoint (sets storage_uri and name)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture (the preset fills it)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input pipeline; data.batch_size is the batch per worker and per micro-step."""
+    epochs: int = 10
+    """Passes over the training split."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear learning-rate warmup from 0 to lr."""
+    lr_schedule: str = "cosine"
+    """After warmup: cosine (to 0 at the last step), linear (to 0) or constant."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (DeepSpeed gradient_accumulation_steps)."""
+    clip: float = 1.0
+    """Gradient-norm clipping threshold; 0 turns clipping off."""
+    strategy: str = "deepspeed"
+    """deepspeed (ZeRO stage from zero_stage) or ddp (plain PyTorch DistributedDataParallel)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (off), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    precision: str = "auto"
+    """fp32, bf16, fp16 (GPU only) or auto (bf16 on GPU, fp32 on CPU)."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; the rest of the cluster's CPUs preprocess data (Ray Data needs >= 2
+    free: a read task and a preprocessing actor). 0 reserves none (a 2-core machine: workers and
+    preprocessing share the cores)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); otherwise CPU workers with gloo and DS_ACCELERATOR=cpu."""
+    ray_address: str = ""
+    """Empty: embedded local Ray (or the cluster this process runs in); http://HEAD:8265: submit to
+    that cluster as a Ray job and stream its logs."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder (the newest ones); the best model's export is kept apart."""
+    patience: int = 3
+    """Early stopping: stop after this many epochs without improving select_metric; 0 never stops early."""
+    select_metric: str = "val_loss"
+    """Validation metric that picks the best epoch (exported) and drives early stopping."""
+    select_mode: str = "auto"
+    """min, max, or auto (min for losses, max otherwise)."""
+    seed: int = 0
+    """Seed of model initialization, shuffling and modality dropout."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before a crashed run fails (Ray FailureConfig)."""
+    max_steps_per_epoch: int = 0
+    """Cap on optimizer steps per epoch (quick runs, benchmarks); 0 takes the whole split."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer (0 keeps shard order)."""
+    evaluate: bool = True
+    """Evaluate the best model on the test split at the end (metrics.json, plots, report.html)."""
+    fault_inject_step: int = 0
+    """Testing: the last worker kills itself (SIGKILL) once at this global step; 0 never."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.clip >= 0, "clip", f"must be >= 0 (0 = off), got {self.clip}")
+        _check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.precision != "fp16" or self.use_gpu, "precision", "fp16 needs use_gpu=true (use bf16 or fp32 on CPU)")
+        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker >= 0, "cpus_per_worker", f"must be >= 0, got {self.cpus_per_worker}")
+        _check(
+            not self.ray_address or self.ray_address.startswith(("http://", "https://")),
+            "ray_address",
+            f"must be empty (embedded Ray) or the dashboard URL http://HEAD:8265, got {self.ray_address!r}",
+        )
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.patience >= 0, "patience", f"must be >= 0 (0 = no early stopping), got {self.patience}")
+        _check(self.select_metric in VAL_METRICS, "select_metric", f"must be one of {', '.join(VAL_METRICS)}, got {self.select_metric!r}")
+        _check(self.select_mode in SELECT_MODES, "select_mode", f"must be one of {', '.join(SELECT_MODES)}, got {self.select_mode!r}")
+        _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", f"must be >= 0 (0 = whole split), got {self.max_steps_per_epoch}")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _check(self.fault_inject_step >= 0, "fault_inject_step", f"must be >= 0 (0 = never), got {self.fault_inject_step}")
+        _check("/" not in self.name and self.name not in (".", ".."), "name", f"must be a single folder name, got {self.name!r}")
+
+    @property
+    def mode(self) -> str:
+        """The effective select_mode ("min" or "max")."""
+        if self.select_mode != "auto":
+            return self.select_mode
+        return "min" if self.select_metric.endswith("loss") else "max"
+
+
+@dataclass
+class TrainBenchConfig:
+    """`medfusion bench train`: Ray Train + DeepSpeed vs a plain PyTorch loop on the same model and data."""
+
+    device: str = "cpu"
+    """cpu, or cuda (one GPU per worker; peak GPU memory is reported)."""
+    zero_stages: list[int] = field(default_factory=lambda: [2])
+    """ZeRO stages measured with one Ray Train worker, one row each (e.g. 0,1,2,3)."""
+    preset: str = ""
+    """Model and data size preset; empty means tiny on cpu, small on cuda."""
+    samples: int = 768
+    """Training images generated for the benchmark dataset."""
+    batch_size: int = 0
+    """Batch size of every variant; 0 takes the preset's data.batch_size."""
+    steps: int = 24
+    """Optimizer steps timed per variant (after warmup_steps)."""
+    warmup_steps: int = 4
+    """Steps run before timing starts (worker start-up, first batches, allocator)."""
+    workers: int = 2
+    """Workers of the multi-worker variant (c); 0 skips it (it also needs that many GPUs on cuda)."""
+    threads: int = 1
+    """Torch intra-op threads of every training process (the same for all variants)."""
+    data_uri: str = ""
+    """Dataset root for the benchmark shards (default: s3://medfusion/bench/train on the local store)."""
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
+        _check(bool(self.zero_stages) and all(s in (0, 1, 2, 3) for s in self.zero_stages), "zero_stages", f"must be a list of 0-3, got {self.zero_stages}")
+        _check(not self.preset or self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)} or empty, got {self.preset!r}")
+        _check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
+        _check(self.batch_size >= 0, "batch_size", f"must be >= 0 (0 = the preset's), got {self.batch_size}")
+        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
 
 
 # --------------------------------------------------------------------------------------------
