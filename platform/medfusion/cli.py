@@ -172,6 +172,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medfusion.serving import serve_forever
+
+    cfg = _load(C.ServeConfig, args, {"model": args.model} if args.model else {})
+    _use_local_store_env(args.store_root)
+    serve_forever(cfg, host=args.host, port=args.port, app_name=args.name, route_prefix=args.route_prefix)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from medfusion.bench.serve import run_serve_bench
+
+    cfg = _load(C.ServeBenchConfig, args, {"model": args.model} if args.model else {})
+    _use_local_store_env(args.store_root)
+    result = run_serve_bench(cfg)
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from medfusion.demo import DemoConfig, run_demo
 
@@ -225,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     bi = _config_parser(bench_sub, "ingest", C.IngestBenchConfig, "Ray Data vs a PyTorch DataLoader vs the decode ceiling", presets=False)
     bi.add_argument("--samples", type=int, help="N (same as samples=N)")
     bi.set_defaults(func=cmd_bench_ingest)
+    bsv = _config_parser(bench_sub, "serve", C.ServeBenchConfig, "Ray Serve (batched) vs plain FastAPI/uvicorn vs the offline model", presets=False)
+    bsv.add_argument("--model", help="export to serve, path or s3:// (default: an untrained tiny export); same as model=")
+    bsv.set_defaults(func=cmd_bench_serve)
+    srv = _config_parser(groups, "serve", C.ServeConfig, "serve a model over HTTP with Ray Serve on the embedded Ray (Ctrl-C stops)", presets=False)
+    srv.add_argument("--model", help="export folder (path or s3://), or NAME[:VERSION] from the registry; same as model=")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    srv.add_argument("--name", default="medfusion", help="Serve application name (default: %(default)s)")
+    srv.add_argument("--route-prefix", default="/", help="URL prefix of the application (default: %(default)s)")
+    srv.set_defaults(func=cmd_serve)
     evaluate = _config_parser(
         groups, "evaluate", C.EvaluateConfig, "score an exported model on a dataset split: metrics.json, plots, report.html",
         presets=False,

@@ -1,0 +1,326 @@
+"""`medfusion bench serve`: the Serve app (batched) vs a plain FastAPI/uvicorn app vs the offline model.
+
+All three answer the same request (a synthetic PNG + note, the same export) in one run:
+
+(a) The Ray Serve application of `medfusion.serve.app` on an embedded Ray: dynamic batching in the
+    model deployment, `model_replicas` fixed replicas (no autoscaling, so the figures are comparable).
+(b) The same FastAPI app (`medfusion.serving.create_api`: same parsing, validation and logging) in one
+    uvicorn process, calling the predictor once per request, without batching.
+(c) The ceiling: `Predictor.predict` on batches of `max_batch_size` in this process (decode, forward
+    and beam search; no HTTP), with the replica's torch threads, times the replicas; and the time of
+    one single-item prediction (what a request at concurrency 1 cannot go below).
+
+The load generator is closed-loop (each of `concurrency` clients sends its next request when the
+previous one is answered), on loopback, bounded by `requests` and `max_seconds` per level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from medfusion.config import ServeBenchConfig, ServeConfig, load_config
+
+
+@dataclass
+class LoadResult:
+    """What one closed-loop run measured."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    transport_errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values()) + self.transport_errors
+
+    @property
+    def errors(self) -> int:
+        """Requests not answered 2xx (transport failures included)."""
+        return self.transport_errors + sum(n for status, n in self.statuses.items() if not 200 <= status < 300)
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.latencies_s:
+            return float("nan")
+        ordered = sorted(self.latencies_s)
+        return ordered[min(len(ordered) - 1, int(round(q / 100.0 * (len(ordered) - 1))))] * 1000.0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "requests": self.requests,
+            "rps": self.requests / self.seconds if self.seconds else 0.0,
+            "p50_ms": self.percentile_ms(50),
+            "p95_ms": self.percentile_ms(95),
+            "p99_ms": self.percentile_ms(99),
+            "errors": self.errors,
+        }
+
+
+def encode_multipart(image: bytes, report: str | None) -> tuple[bytes, str]:
+    """A multipart/form-data body with the `image` file and the optional `report` field, and its type."""
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n"
+    ]
+    if report is not None:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="report"\r\n\r\n{report}\r\n'.encode())
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+async def closed_loop(
+    url: str,
+    body: bytes,
+    content_type: str,
+    *,
+    concurrency: int,
+    requests: int,
+    max_seconds: float,
+    headers: dict[str, str] | None = None,
+    on_response: Callable[[Any], None] | None = None,
+    timeout_s: float = 60.0,
+) -> LoadResult:
+    """POST `body` to `url` from `concurrency` clients until `requests` were sent or `max_seconds` passed.
+
+    `on_response` is called with each httpx.Response (e.g. to collect model versions or headers).
+    """
+    import httpx
+
+    result = LoadResult()
+    sent = 0
+    deadline = time.monotonic() + max_seconds
+    send_headers = {"content-type": content_type, **(headers or {})}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while sent < requests and time.monotonic() < deadline:
+            sent += 1
+            start = time.perf_counter()
+            try:
+                response = await client.post(url, content=body, headers=send_headers)
+            except httpx.HTTPError:
+                result.transport_errors += 1
+                continue
+            result.latencies_s.append(time.perf_counter() - start)
+            result.statuses[response.status_code] += 1
+            if on_response is not None:
+                on_response(response)
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_load(url: str, body: bytes, content_type: str, **kwargs: Any) -> LoadResult:
+    """`closed_loop` from synchronous code."""
+    return asyncio.run(closed_loop(url, body, content_type, **kwargs))
+
+
+# ------------------------------------------------------------------------------------ the systems
+
+
+def write_tiny_export(uri: str, seed: int = 0) -> str:
+    """An untrained `tiny` export (synthetic vocabulary and classes): what the bench serves by default."""
+    import torch
+
+    from medfusion.config import DataConfig, SynthConfig, preset_values
+    from medfusion.data import synth
+    from medfusion.data.tokenizer import Tokenizer
+    from medfusion.export import export_model
+    from medfusion.models import create_model
+
+    synth_cfg = SynthConfig(num_samples=64, image_size=64, seed=seed)
+    samples = list(synth.generate(synth_cfg))
+    tokenizer = Tokenizer.build(s.report + " " + s.findings for s in samples)
+    torch.manual_seed(seed)
+    model = create_model("medfusion_tiny", len(tokenizer), len(synth.class_names(synth_cfg))).eval()
+    data = DataConfig(**{k: v for k, v in preset_values("tiny", "data").items() if k != "batch_size"})
+    export_model(model, uri, tokenizer=tokenizer, classes=synth.class_names(synth_cfg), data_settings=data)
+    return uri
+
+
+def _request_sample(cfg: ServeBenchConfig) -> tuple[bytes, str | None]:
+    from medfusion.config import SynthConfig
+    from medfusion.data import synth
+
+    sample = next(iter(synth.generate(SynthConfig(num_samples=4, image_size=cfg.image_size, seed=7))))
+    return sample.image, sample.report if cfg.with_report else None
+
+
+def _serve_config(cfg: ServeBenchConfig, uri: str) -> ServeConfig:
+    return load_config(
+        ServeConfig,
+        base={
+            "model": uri,
+            "max_batch_size": cfg.max_batch_size,
+            "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+            "max_ongoing_requests": 2 * cfg.max_batch_size,
+            "max_queued_requests": -1,  # a closed loop never exceeds its concurrency
+            "torch_threads": 1,
+            "num_cpus": 1.0,
+            "autoscaling": {"min_replicas": cfg.model_replicas, "max_replicas": cfg.model_replicas},
+        },
+    )
+
+
+def _offline(uri: str, image: bytes, report: str | None, cfg: ServeBenchConfig) -> dict[str, float]:
+    import torch
+
+    from medfusion.predictor import Predictor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what one model replica gets (ServeConfig.torch_threads=1 above)
+    try:
+        predictor = Predictor.from_export(uri, batch_size=cfg.max_batch_size)
+        batch = [{"image": image, "report": report}] * cfg.max_batch_size
+        predictor.predict(batch)  # warm up
+        rounds = max(3, min(20, cfg.requests // cfg.max_batch_size))
+        start = time.perf_counter()
+        for _ in range(rounds):
+            predictor.predict(batch)
+        batched = rounds * cfg.max_batch_size / (time.perf_counter() - start)
+        single = []
+        for _ in range(max(10, min(50, cfg.requests // 8))):
+            t0 = time.perf_counter()
+            predictor.predict(batch[:1])
+            single.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return {"items_per_s": batched * cfg.model_replicas, "single_ms": statistics.median(single) * 1000.0}
+
+
+def _plain_server(uri: str, port: int, model_args: dict[str, Any]) -> None:
+    """(b): the same API, one uvicorn process, one predictor call per request (spawned process)."""
+    import sys
+
+    import uvicorn
+
+    from medfusion import serving
+
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - its access log would flood the terminal
+    runner = serving.ModelRunner.load(uri, model_args)
+    app = serving.create_api(serving.LocalBackend(runner))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(base_url: str, timeout_s: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{base_url} did not become ready within {timeout_s} s")
+
+
+def _measure(base_url: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, float]]:
+    url = f"{base_url}/v1/predict"
+    if cfg.warmup_requests:
+        warmup = min(8, cfg.warmup_requests)
+        run_load(url, body, content_type, concurrency=warmup, requests=cfg.warmup_requests, max_seconds=cfg.max_seconds)
+    return {
+        c: run_load(url, body, content_type, concurrency=c, requests=cfg.requests, max_seconds=cfg.max_seconds).summary()
+        for c in cfg.concurrency
+    }
+
+
+def _serve_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, float]]:
+    import ray
+    from ray import serve
+
+    from medfusion.serve.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(_serve_config(cfg, uri)), name="bench", route_prefix="/", blocking=False)
+        _wait_ready(f"http://127.0.0.1:{port}")
+        return _measure(f"http://127.0.0.1:{port}", body, content_type, cfg)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _plain_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, float]]:
+    import multiprocessing
+
+    from medfusion import serving
+
+    port = _free_port()
+    args = {**serving.model_args(_serve_config(cfg, uri)), "torch_threads": 0}  # a plain app keeps torch's default
+    process = multiprocessing.get_context("spawn").Process(target=_plain_server, args=(uri, port, args), daemon=True)
+    process.start()
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}")
+        return _measure(f"http://127.0.0.1:{port}", body, content_type, cfg)
+    finally:
+        process.terminate()
+        process.join(timeout=10)
+
+
+def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
+    """Run (c), (b) and (a) and return the benchmark JSON object (DESIGN.md); prints a table first."""
+    with tempfile.TemporaryDirectory(prefix="medfusion-bench-serve-") as tmp:
+        uri = cfg.model or write_tiny_export(os.path.join(tmp, "export"))
+        image, report = _request_sample(cfg)
+        body, content_type = encode_multipart(image, report)
+        offline = _offline(uri, image, report, cfg)
+        plain = _plain_app(uri, body, content_type, cfg)
+        served = _serve_app(uri, body, content_type, cfg)
+
+    figures: dict[str, dict[str, Any]] = {
+        "offline_items_per_s": {"value": round(offline["items_per_s"], 1), "unit": "items/s"},
+        "offline_single_item_ms": {"value": round(offline["single_ms"], 2), "unit": "ms"},
+    }
+    print(f"{'system':<10}{'conc':>6}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for name, results in (("serve", served), ("plain", plain)):
+        for c, s in results.items():
+            latencies = "".join(f"{s[f'{q}_ms']:>10.1f}" for q in ("p50", "p95", "p99"))
+            print(f"{name:<10}{c:>6}{s['rps']:>10.1f}{latencies}{s['errors']:>8}")
+            figures[f"{name}_c{c}_rps"] = {"value": round(s["rps"], 1), "unit": "req/s"}
+            for q in ("p50", "p95", "p99"):
+                figures[f"{name}_c{c}_{q}_ms"] = {"value": round(s[f"{q}_ms"], 2), "unit": "ms"}
+            figures[f"{name}_c{c}_errors"] = {"value": s["errors"], "unit": "requests"}
+    print(f"offline ceiling {offline['items_per_s']:.1f} items/s; one item {offline['single_ms']:.2f} ms")
+    top, low = max(cfg.concurrency), min(cfg.concurrency)
+    ratios = {
+        f"serve_vs_plain_c{c}": round(served[c]["rps"] / max(plain[c]["rps"], 1e-9), 3) for c in cfg.concurrency
+    }
+    ratios[f"serve_vs_offline_c{top}"] = round(served[top]["rps"] / max(offline["items_per_s"], 1e-9), 3)
+    figures[f"serve_c{low}_p50_minus_forward_ms"] = {
+        "value": round(served[low]["p50_ms"] - offline["single_ms"], 2),
+        "unit": "ms",
+    }
+    print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    return {"bench": "serve", "config": {**asdict(cfg), "cores": os.cpu_count()}, "figures": figures, "ratios": ratios}
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m medfusion.bench.serve` before the CLI has the command
+    print(json.dumps(run_serve_bench(ServeBenchConfig())))

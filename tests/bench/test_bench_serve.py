@@ -1,0 +1,98 @@
+"""`medfusion bench serve`: the load generator is bounded and counts right; the run prints its JSON line."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from medfusion import serving
+from medfusion.bench.serve import LoadResult, encode_multipart, run_load
+from medfusion.config import ServeLimitsConfig
+
+
+def test_percentiles_and_errors():
+    result = LoadResult(latencies_s=[i / 1000 for i in range(1, 101)], seconds=2.0)
+    result.statuses.update({200: 97, 503: 3})
+    result.transport_errors = 1
+    summary = result.summary()
+    assert summary["requests"] == 101 and summary["errors"] == 4 and summary["rps"] == pytest.approx(50.5)
+    assert (summary["p50_ms"], summary["p99_ms"]) == (pytest.approx(51.0), pytest.approx(99.0))
+
+
+def test_the_bench_request_is_a_valid_predict_request():
+    image = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+    body, content_type = encode_multipart(image, "cough")
+    with pytest.raises(serving.ApiError, match="cannot read the PNG header"):  # parsed as far as the image
+        serving.parse_predict_body(content_type, body, ServeLimitsConfig())
+    assert serving._parse_form(body, content_type, ServeLimitsConfig()).report == "cough"
+
+
+class _Echo:
+    async def predict(self, item):
+        return {"labels": [], "model": {"name": "stub", "version": "0"}}
+
+    async def info(self):
+        return {}
+
+    async def ready(self):
+        return True
+
+
+@pytest.fixture(scope="module")
+def stub_url():
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = serving.create_api(_Echo())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_closed_loop_is_bounded_by_requests_and_time(stub_url):
+    body, content_type = encode_multipart(_png(), None)
+    counted = run_load(f"{stub_url}/v1/predict", body, content_type, concurrency=4, requests=40, max_seconds=30)
+    assert counted.requests == 40 and dict(counted.statuses) == {200: 40}
+    timed = run_load(f"{stub_url}/v1/predict", body, content_type, concurrency=2, requests=10**9, max_seconds=0.5)
+    assert 0 < timed.requests < 10**9 and timed.seconds < 5
+
+
+def _png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # ~50 s of Ray, Serve and uvicorn start-up on 2 cores: `make test-slow`
+def test_bench_prints_its_json_last(tmp_path):
+    code = (
+        "import json; from medfusion.bench.serve import run_serve_bench; from medfusion.config import ServeBenchConfig;"
+        "print(json.dumps(run_serve_bench(ServeBenchConfig(requests=16, max_seconds=10, concurrency=[1, 4],"
+        " warmup_requests=4, image_size=64, max_batch_size=4))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "serve" and result["config"]["concurrency"] == [1, 4]
+    for name in ("serve_c4_rps", "plain_c4_rps", "serve_c1_p50_ms", "offline_items_per_s", "serve_c1_p50_minus_forward_ms"):
+        assert result["figures"][name]["unit"]
+    assert result["figures"]["serve_c4_errors"]["value"] == 0 and result["figures"]["plain_c4_errors"]["value"] == 0
+    assert set(result["ratios"]) == {"serve_vs_plain_c1", "serve_vs_plain_c4", "serve_vs_offline_c4"}

@@ -1,0 +1,73 @@
+"""Fixtures of the serving tests: a tiny export, a token file, Serve on the session's local Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from serve_cases import TOKEN, TinyExport, free_port, make_export, wait_for
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> TinyExport:
+    return make_export(str(tmp_path_factory.mktemp("serve-export") / "model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("serve-secret") / "token"
+    path.write_text(TOKEN + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- Serve
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_local):
+    """Serve on the session's local Ray, its HTTP proxy on a free loopback port; shut down after."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+class Deployer:
+    """deploy(name, **ServeConfig fields) -> base URL of a fresh application at /<name>; close() deletes them."""
+
+    def __init__(self, serve_url: str) -> None:
+        self.serve_url = serve_url
+        self.names: list[str] = []
+
+    def __call__(self, name: str, **args: Any) -> str:
+        from medfusion.serve.app import build_app
+        from ray import serve
+
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+        self.names.append(name)
+        wait_for(lambda: serve.status().applications[name].status == "RUNNING", 120, message=f"app {name} RUNNING")
+        return f"{self.serve_url}/{name}"
+
+    def close(self) -> None:
+        from ray import serve
+
+        for name in dict.fromkeys(self.names):
+            serve.delete(name)
+
+
+@pytest.fixture
+def deploy(serve_url):
+    """Applications that live for one test."""
+    deployer = Deployer(serve_url)
+    yield deployer
+    deployer.close()
+
+
+@pytest.fixture(scope="module")
+def deploy_module(serve_url):
+    """Applications that live for one test module."""
+    deployer = Deployer(serve_url)
+    yield deployer
+    deployer.close()

@@ -1,0 +1,395 @@
+"""The HTTP API in process (no Ray): contract, hostile input, auth, logs, timeouts, model references.
+
+The same `create_api` runs inside the Serve ingress (test_app.py checks that path end to end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import types
+
+import httpx
+import pytest
+from serve_cases import (
+    LIMITS,
+    TOKEN,
+    Req,
+    as_json,
+    assert_close,
+    b64,
+    dicom,
+    hostile_cases,
+    jpeg,
+    multipart,
+    png,
+    raw,
+    send_kwargs,
+    strip_meta,
+)
+from medfusion import serving
+from medfusion.config import ConfigError, ServeConfig, load_config
+from medfusion.data.images import DEFAULT_MAX_PIXELS
+from medfusion.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_export):
+    return serving.ModelRunner.load(tiny_export.uri, serving.model_args(ServeConfig(model=tiny_export.uri)))
+
+
+def _client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def _call(app, *requests: Req, token: str | None = TOKEN) -> list[httpx.Response]:
+    async def go():
+        async with _client(app) as client:
+            return [await client.request(r.method, r.path, **send_kwargs(r, token)) for r in requests]
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def api(runner):
+    return serving.create_api(serving.LocalBackend(runner), serving.ApiSettings(limits=LIMITS, token=TOKEN))
+
+
+CASES = hostile_cases()
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name, request_, status, error", CASES, ids=[c[0] for c in CASES])
+def test_hostile_request_gets_its_documented_4xx(api, name, request_, status, error):
+    bad, good = _call(api, request_, multipart(png()))
+    assert (bad.status_code, bad.json()["error"]) == (status, error), bad.text
+    assert set(bad.json()) == {"error", "detail"} and bad.headers["content-type"] == "application/json"
+    assert "Traceback" not in bad.text and TOKEN not in bad.text
+    if status == 401:
+        assert bad.headers["www-authenticate"] == "Bearer"
+    assert good.status_code == 200  # and the service keeps answering
+
+
+@pytest.mark.parametrize(
+    "make, report",
+    [(png, None), (png, "fever and productive cough"), (jpeg, None), (jpeg, "smoker"), (dicom, None), (dicom, "haemoptysis")],
+    ids=["png", "png-note", "jpeg", "jpeg-note", "dicom", "dicom-note"],
+)
+def test_response_is_the_predictors_output(api, tiny_export, make, report):
+    image = make()
+    expected = json.loads(json.dumps(Predictor.from_export(tiny_export.uri).predict([{"image": image, "report": report}])[0]))
+    form, body = _call(api, multipart(image, report=report), as_json({"image_b64": b64(image), "report": report}))
+    for response in (form, body):
+        assert response.status_code == 200, response.text
+        assert_close(strip_meta(response.json()), expected)
+        assert response.json()["model"] == {"name": "medfusion_tiny", "version": tiny_export.version}
+
+
+def test_top_k_and_data_url(api):
+    (response,) = _call(api, as_json({"image_b64": "data:image/png;base64," + b64(png()), "top_k": 2}))
+    assert response.status_code == 200 and len(response.json()["labels"]) == 2
+
+
+def test_model_health_ready_openapi(api, tiny_export):
+    info, health, ready, spec = _call(
+        api, Req(method="GET", path="/v1/model"), Req(method="GET", path="/healthz", auth=False),
+        Req(method="GET", path="/readyz", auth=False), Req(method="GET", path="/openapi.json", auth=False),
+    )
+    assert info.json()["version"] == tiny_export.version and info.json()["lineage"]["dataset_version"] == "synthetic-test"
+    assert health.json() == {"status": "ok"} and ready.json() == {"status": "ready"}
+    paths = spec.json()["paths"]
+    assert {"/v1/predict", "/v1/model", "/healthz", "/readyz"} <= set(paths)
+    body = paths["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert "HTTPBearer" in spec.json()["components"]["securitySchemes"]
+
+
+def test_no_token_configured_means_open(runner):
+    open_api = serving.create_api(serving.LocalBackend(runner), serving.ApiSettings(limits=LIMITS))
+    (response,) = _call(open_api, multipart(png()), token=None)
+    assert response.status_code == 200
+
+
+class _Stub:
+    """A backend that is slow, not ready, or broken."""
+
+    def __init__(self, delay_s: float = 0.0, ready: bool = True, fail: Exception | None = None) -> None:
+        self.delay_s, self._ready, self.fail = delay_s, ready, fail
+
+    async def predict(self, item):
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise self.fail
+        return {"labels": [], "model": {"name": "stub", "version": "0"}}
+
+    async def info(self):
+        return {}
+
+    async def ready(self):
+        return self._ready
+
+
+def _stub_api(**kwargs):
+    limits = load_config(type(LIMITS), base={"request_timeout_s": 0.2})
+    return serving.create_api(_Stub(**kwargs), serving.ApiSettings(limits=limits))
+
+
+def test_slow_model_gets_504():
+    (response,) = _call(_stub_api(delay_s=2.0), multipart(png()))
+    assert (response.status_code, response.json()["error"]) == (504, "timeout")
+
+
+def test_slow_body_gets_408():
+    class SlowRequest:
+        headers: dict = {}
+
+        async def stream(self):
+            yield b"x"
+            await asyncio.sleep(5)
+
+    async def go():
+        return await asyncio.wait_for(serving._read_body(SlowRequest(), 100), 0.1)
+
+    with pytest.raises(asyncio.TimeoutError):  # create_api turns this into 408 request_timeout
+        asyncio.run(go())
+
+
+def test_not_ready_gets_503_with_retry_after():
+    (response,) = _call(_stub_api(ready=False), Req(method="GET", path="/readyz", auth=False))
+    assert (response.status_code, response.json()["error"]) == (503, "not_ready") and response.headers["retry-after"] == "1"
+
+
+def test_overload_gets_503_with_retry_after():
+    error = serving.ApiError(503, "overloaded", "queue full", {"Retry-After": "1"})
+    (response,) = _call(_stub_api(fail=error), multipart(png()))
+    assert (response.status_code, response.json()["error"], response.headers["retry-after"]) == (503, "overloaded", "1")
+
+
+def test_a_bug_is_a_500_without_trace_and_logged_as_one_line(caplog):
+    logger = logging.getLogger(serving.ACCESS_LOGGER)
+    logger.addHandler(caplog.handler)
+    try:
+        (response,) = _call(_stub_api(fail=KeyError("secret-internal-state")), multipart(png()))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert response.status_code == 500 and response.json()["error"] == "internal_error"
+    assert "secret-internal-state" not in response.text and "Traceback" not in response.text
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records]
+    assert line["status"] == 500 and line["exception"] == "KeyError" and "secret-internal-state" not in caplog.text
+
+
+def test_access_log_is_json_with_the_request_id_and_no_phi(api, caplog):
+    logger = logging.getLogger(serving.ACCESS_LOGGER)
+    logger.addHandler(caplog.handler)
+    note = "patient John Doe, 1970-01-01, haemoptysis"
+    try:
+        request = multipart(png(), report=note)
+        request.kwargs["headers"] = {"x-request-id": "client-id-42"}
+        ok, bad = _call(api, request, Req(multipart(png()).kwargs, auth=False))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert ok.headers["x-request-id"] == "client-id-42" and ok.json()["request_id"] == "client-id-42"
+    assert bad.headers["x-request-id"] and bad.headers["x-request-id"] != "client-id-42"
+    lines = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [(x["request_id"], x["status"], x["error"]) for x in lines] == [
+        ("client-id-42", 200, None), (bad.headers["x-request-id"], 401, "unauthorized")
+    ]
+    assert lines[0]["model_version"] and lines[0]["path"] == "/v1/predict" and lines[0]["latency_ms"] > 0
+    assert "John Doe" not in caplog.text and TOKEN not in caplog.text
+
+
+def test_hostile_request_id_is_replaced(api):
+    request = multipart(png())
+    request.kwargs["headers"] = {"x-request-id": 'x"\n{"event": "forged"}'}
+    (response,) = _call(api, request)
+    assert response.status_code == 200 and "forged" not in response.headers["x-request-id"]
+
+
+# ----------------------------------------------------------------------------- config and references
+
+
+def test_limits_default_to_the_decoders_guard():
+    assert ServeConfig().limits.max_pixels == DEFAULT_MAX_PIXELS
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["max_batch_size=64"], "max_ongoing_requests: must be >= max_batch_size (64)"),
+        (["autoscaling.min_replicas=3"], "autoscaling.max_replicas: must be >="),
+        (["limits.max_body_bytes=10"], "limits.max_body_bytes: must be >= 1024"),
+        (["limits.request_timeout_s=nan"], "limits.request_timeout_s: must be in (0, 3600]"),
+        (["device=tpu"], "device: must be cpu, cuda"),
+        (["max_queued_requests=0"], "max_queued_requests: must be -1"),
+        (["bogus=1"], "bogus: unknown field of ServeConfig"),
+    ],
+)
+def test_bad_serve_config_names_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(ServeConfig, overrides=overrides)
+
+
+def test_model_reference_resolution(tmp_path, monkeypatch):
+    assert serving.resolve_model_uri("s3://bucket/exports/m1") == "s3://bucket/exports/m1"
+    assert serving.resolve_model_uri(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ConfigError, match="model: required"):
+        serving.resolve_model_uri("")
+    with pytest.raises(ConfigError, match="no model registry"):
+        serving.resolve_model_uri("medfusion_tiny:3", "s3://bucket/registry")
+    with pytest.raises(ConfigError, match="neither an existing path"):
+        serving.resolve_model_uri("bad name")
+    # The hook the registry plugs into: medfusion.registry.resolve_model_uri(registry_uri, name, version).
+    calls = []
+    registry = types.ModuleType("medfusion.registry")
+    registry.resolve_model_uri = lambda root, name, version: calls.append((root, name, version)) or f"{root}/{name}/{version}"
+    monkeypatch.setitem(sys.modules, "medfusion.registry", registry)
+    assert serving.resolve_model_uri("medfusion_tiny", "s3://r") == "s3://r/medfusion_tiny/latest"
+    assert serving.resolve_model_uri("medfusion_tiny:7", "s3://r") == "s3://r/medfusion_tiny/7"
+    with pytest.raises(ConfigError, match="registry_uri: required"):
+        serving.resolve_model_uri("medfusion_tiny:7")
+
+
+def test_token_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("MF_TEST_TOKEN", " abc \n")
+    assert serving.read_token("MF_TEST_TOKEN", "") == "abc"
+    assert serving.read_token("MF_TEST_UNSET_TOKEN", "") is None
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    assert serving.read_token("MF_TEST_TOKEN", str(secret)) == "from-file"
+    secret.write_text("  \n")
+    with pytest.raises(ConfigError, match="auth_token_file: .* is empty"):
+        serving.read_token("", str(secret))
+    with pytest.raises(ConfigError, match="auth_token_file: cannot read"):
+        serving.read_token("", str(tmp_path / "missing"))
+
+
+def test_model_replicas_get_only_model_settings(monkeypatch):
+    monkeypatch.setenv("MEDFUSION_SERVE_TOKEN", TOKEN)
+    base = ServeConfig(model="a")
+    other = load_config(ServeConfig, base={"model": "a"}, overrides=["limits.max_body_bytes=2048", "auth_token_env=X"])
+    assert serving.model_args(base) == serving.model_args(other)  # an ingress change does not restart the model
+    assert "model" not in serving.model_args(base)
+    assert TOKEN not in json.dumps(serving.ingress_args(base))  # the token is read in the replica, never passed
+
+
+def test_importing_the_serving_modules_starts_nothing_heavy(tmp_path):
+    import subprocess
+
+    code = (
+        "import sys, medfusion.serving, medfusion.serve, medfusion.bench.serve;"
+        "print(','.join(m for m in ('torch', 'ray', 'fastapi', 'PIL') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+class _FakeMethod:
+    def __init__(self, outcomes: list) -> None:
+        self.outcomes = outcomes
+        self.calls = 0
+
+    def remote(self, *args):
+        outcome = self.outcomes[min(self.calls, len(self.outcomes) - 1)]
+        self.calls += 1
+
+        async def answer():
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        return answer()
+
+
+class _FakeHandle:
+    def __init__(self, predict: list, ready: list | None = None) -> None:
+        self.predict = _FakeMethod(predict)
+        self.ready = _FakeMethod(ready or [True])
+
+
+@pytest.mark.parametrize(
+    "outcomes, status, error, calls",
+    [
+        (["backpressure"], 503, "overloaded", 1),
+        (["died", {"ok": 1}], None, None, 2),  # a replica died under the request: retried once, answered
+        (["died", "died"], 503, "unavailable", 2),
+    ],
+)
+def test_handle_backend_maps_serve_failures(outcomes, status, error, calls):
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    made = {"backpressure": BackPressureError(num_queued_requests=2, max_queued_requests=2), "died": RayActorError()}
+    handle = _FakeHandle([made.get(o, o) if isinstance(o, str) else o for o in outcomes])
+    backend = serving.HandleBackend(handle, retry_after_s=2.5)
+    if status is None:
+        assert asyncio.run(backend.predict({})) == {"ok": 1}
+    else:
+        with pytest.raises(serving.ApiError) as info:
+            asyncio.run(backend.predict({}))
+        assert (info.value.status, info.value.error, info.value.headers) == (status, error, {"Retry-After": "3"})
+    assert handle.predict.calls == calls
+
+
+def test_readiness_does_not_queue_behind_a_busy_model():
+    handle = _FakeHandle([{"ok": 1}], ready=[TimeoutError("queue full")])
+    backend = serving.HandleBackend(handle)
+    assert asyncio.run(backend.ready()) is False  # never answered, probe fails: not ready
+    asyncio.run(backend.predict({}))
+    assert asyncio.run(backend.ready()) is True and handle.ready.calls == 1  # answered recently: no probe
+
+
+def test_chunked_body_over_the_limit_is_cut_at_the_limit(api):
+    async def chunks():
+        for _ in range(LIMITS.max_body_bytes // 4096 + 8):  # no Content-Length: only the streamed size tells
+            yield b"x" * 4096
+
+    async def go():
+        async with _client(api) as client:
+            headers = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
+            return await client.post("/v1/predict", content=chunks(), headers=headers)
+
+    response = asyncio.run(go())
+    assert (response.status_code, response.json()["error"]) == (413, "body_too_large")
+
+
+def test_mutated_requests_never_get_a_5xx(api):
+    """A seeded fuzz: valid PNG/JPEG/DICOM requests with random byte edits, cuts and insertions."""
+    import random
+
+    from medfusion.bench.serve import encode_multipart
+
+    rng = random.Random(0)
+    seeds = [png(), jpeg(), dicom(), png(200, 100)]
+
+    def mutate(data: bytes) -> bytes:
+        out = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(len(out) + 1)
+            edit = rng.random()
+            if edit < 0.4 and at < len(out):
+                out[at] = rng.randrange(256)
+            elif edit < 0.6:
+                del out[at : at + rng.randint(1, 64)]
+            elif edit < 0.8:
+                out[at:at] = rng.randbytes(rng.randint(1, 16))
+            else:
+                del out[at:]
+        return bytes(out)
+
+    requests = []
+    for _ in range(300):
+        image = mutate(rng.choice(seeds))
+        if rng.random() < 0.5:
+            body, content_type = encode_multipart(image, rng.choice([None, "cough", "é中 x"]))
+        else:
+            body, content_type = json.dumps({"image_b64": b64(image), "report": None}).encode(), "application/json"
+        if rng.random() < 0.3:
+            body = mutate(body)
+        requests.append(raw(body, content_type))
+    statuses = [r.status_code for r in _call(api, *requests)]
+    assert max(statuses) < 500 and statuses.count(200) > 0, sorted(set(statuses))
