@@ -49,7 +49,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     info = open_dataset(cfg.dataset_uri, verify=True)
     data_cfg = DataConfig(**preset_values(cfg.preset, "data"))
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     quiet_ray_data()
     try:
         start = time.perf_counter()

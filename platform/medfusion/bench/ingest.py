@@ -3,7 +3,7 @@
 All three do the same work per sample (PNG decode, resize, normalize, tokenize: `collate`) on the
 same shards in the local S3 store, in one run:
 
-(a) Ray Data: `read_parquet` + `map_batches(Preprocess)`, streamed with `iter_batches`.
+(a) Ray Data: `read_parquet` + `map_batches(preprocess_rows)`, streamed with `iter_batches`.
 (b) A `torch.utils.data.DataLoader` with `loader_workers` processes, each reading whole shards.
 (c) The decode ceiling: a tight `preprocess` loop over image bytes already in memory, times cores.
 
@@ -24,7 +24,7 @@ from medfusion.config import DataConfig, IngestBenchConfig, PrepareConfig, Split
 
 
 class _RssSampler:
-    """Peak resident memory of this process and all its descendants, sampled every 50 ms."""
+    """Peak resident memory of this process and all its descendants, sampled every 200 ms."""
 
     def __init__(self) -> None:
         import psutil
@@ -48,7 +48,7 @@ class _RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self._sample())
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     def __enter__(self) -> _RssSampler:
         self.peak = self._sample()
@@ -185,7 +185,8 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
         _make_dataset(uri, n, cfg)
     info_n, info_4n = open_dataset(uris[cfg.samples]), open_dataset(uris[4 * cfg.samples])
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    # address="local": a new embedded Ray even when `ray start` left a cluster on this machine.
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     quiet_ray_data()
     try:
         ray_data_warm = _ray_data(info_n, data_cfg)  # warm-up: worker start, imports

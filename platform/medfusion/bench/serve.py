@@ -257,7 +257,7 @@ def _serve_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) 
     from medfusion.serve.app import build_app
 
     port = _free_port()
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(_serve_config(cfg, uri)), name="bench", route_prefix="/", blocking=False)

@@ -8,6 +8,7 @@ decode, resize, normalize and tokenize in `map_batches`, streamed with bounded m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from medfusion import storage
 from medfusion.config import DataConfig
-from medfusion.data.batches import collate
+from medfusion.data.batches import BATCH_KEYS, collate
 from medfusion.data.schema import SCHEMA_VERSION, SPLITS
 from medfusion.data.shards import MANIFEST
 from medfusion.data.tokenizer import Tokenizer
@@ -162,22 +163,43 @@ def iter_local_batches(
             yield collate(rows, **kwargs)
 
 
-class Preprocess:
-    """The `map_batches` callable: shard rows -> model batch (decode, resize, normalize, tokenize)."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str) -> Tokenizer:
+    return Tokenizer.from_json(tokenizer_json)
 
-    def __init__(self, tokenizer_json: str, num_classes: int, data: dict, report_dropout: float, seed: int | None):
-        self.kwargs = {
-            "tokenizer": Tokenizer.from_json(tokenizer_json),
-            "num_classes": num_classes,
-            "image_size": data["image_size"],
-            "max_report_tokens": data["max_report_tokens"],
-            "max_findings_tokens": data["max_findings_tokens"],
-            "report_dropout": report_dropout,
-        }
-        self.rng = np.random.default_rng(seed)
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return collate(rows, rng=self.rng, **self.kwargs)
+def preprocess_rows(
+    rows: dict[str, np.ndarray],
+    *,
+    tokenizer_json: str,
+    num_classes: int,
+    data: dict,
+    report_dropout: float,
+    seed: int | None,
+    passthrough: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
+    """The `map_batches` function: shard rows -> model batch (decode, resize, normalize, tokenize).
+
+    A plain function run as Ray tasks: on small CPU work per batch, tasks start streaming at once
+    where an actor pool first waits for its actors (measured 4x faster on 2 cores).
+    """
+    rng = None
+    if report_dropout > 0.0:
+        # A different stream per batch, reproducible from the seed and the batch's first sample.
+        first = str(rows["sample_id"][0]) if "sample_id" in rows and len(rows["sample_id"]) else ""
+        rng = np.random.default_rng([seed or 0, int(hashlib.sha256(first.encode()).hexdigest()[:8], 16)])
+    batch = collate(
+        rows,
+        tokenizer=_tokenizer(tokenizer_json),
+        num_classes=num_classes,
+        image_size=data["image_size"],
+        max_report_tokens=data["max_report_tokens"],
+        max_findings_tokens=data["max_findings_tokens"],
+        report_dropout=report_dropout,
+        rng=rng,
+    )
+    # Only numeric columns reach training workers (iter_torch_batches), unless asked for.
+    return {k: v for k, v in batch.items() if k in BATCH_KEYS or k in passthrough}
 
 
 def stream_split(
@@ -188,11 +210,12 @@ def stream_split(
     training: bool = False,
     extra_columns: tuple[str, ...] = (),
     seed: int | None = None,
-    concurrency: int | tuple[int, int] | None = None,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
-    """A Ray Data pipeline over one split: read_parquet (projected columns) -> map_batches(Preprocess).
+    """A Ray Data pipeline over one split: read_parquet (projected columns) -> map_batches(preprocess_rows).
 
-    `training` enables note dropout (data_cfg.report_dropout). Call `ray.init` before.
+    `training` enables note dropout (data_cfg.report_dropout). `concurrency` caps the preprocessing
+    tasks in flight (default: as many as there are CPUs). Call `ray.init` before.
     """
     import ray.data
 
@@ -201,15 +224,14 @@ def stream_split(
         raise DatasetError(f"{info.uri}: split {split!r} has no shards")
     fs, _ = storage.filesystem(uris[0])
     paths = [storage.filesystem(u)[1] for u in uris]
+    dropout = data_cfg.report_dropout if training else 0.0
     columns = MODEL_COLUMNS + [c for c in extra_columns if c not in MODEL_COLUMNS]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle=None)
-    if isinstance(concurrency, int):
-        lo = hi = concurrency
-    else:
-        lo, hi = concurrency or (1, max(1, _cpu_count()))
+    if dropout > 0.0 and "sample_id" not in columns:
+        columns.append("sample_id")
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None).select_columns(columns)
     return ds.map_batches(
-        Preprocess,
-        fn_constructor_kwargs={
+        preprocess_rows,
+        fn_kwargs={
             "tokenizer_json": info.tokenizer.to_json(),
             "num_classes": len(info.classes),
             "data": {
@@ -217,12 +239,13 @@ def stream_split(
                 "max_report_tokens": data_cfg.max_report_tokens,
                 "max_findings_tokens": data_cfg.max_findings_tokens,
             },
-            "report_dropout": data_cfg.report_dropout if training else 0.0,
+            "report_dropout": dropout,
             "seed": seed,
+            "passthrough": tuple(extra_columns),
         },
         batch_size=data_cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
         zero_copy_batch=True,
     )
 
@@ -237,12 +260,6 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def _cpu_count() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
 
 
 def summarize(info: DatasetInfo) -> dict[str, Any]:
