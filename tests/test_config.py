@@ -11,7 +11,8 @@ import yaml
 from medfusion import config as C
 
 CONFIG_CLASSES = [C.SynthConfig, C.SplitConfig, C.PrepareConfig, C.DataConfig, C.ModelConfig, C.IngestBenchConfig, C.EvaluateConfig,
-                  C.ServeAutoscalingConfig, C.ServeLimitsConfig, C.ServeConfig, C.ServeBenchConfig]
+                  C.ServeAutoscalingConfig, C.ServeLimitsConfig, C.ServeConfig, C.ServeBenchConfig,
+                  C.TrainConfig, C.TrainBenchConfig]
 SECTIONS = {"model": C.ModelConfig, "data": C.DataConfig, "synth": C.SynthConfig}
 
 

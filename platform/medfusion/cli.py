@@ -161,6 +161,30 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from medfusion.train import load_train_config, run_train
+
+    overrides = list(args.overrides) + ([f"dataset_uri={args.data}"] if args.data else [])
+    cfg = load_train_config(args.config, overrides, preset=args.preset, resume=args.resume)
+    _use_local_store_env(args.store_root)
+    print(run_train(cfg).summary())
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from medfusion.bench.train import run_train_bench
+
+    base: dict[str, Any] = {}
+    if args.device:
+        base["device"] = args.device
+    if args.zero:
+        base["zero_stages"] = [int(z) for z in args.zero.split(",")]
+    cfg = _load(C.TrainBenchConfig, args, base)
+    _use_local_store_env(args.store_root)
+    print(json.dumps(run_train_bench(cfg, store_root=args.store_root)))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medfusion.evaluate import run_evaluate
 
@@ -188,6 +212,38 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     _use_local_store_env(args.store_root)
     result = run_serve_bench(cfg)
     print(json.dumps(result))
+    return 0
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from medfusion.orchestration import PipelineConfig, run_pipeline_local
+
+    cfg = C.load_config(PipelineConfig, args.config, args.overrides)
+    _use_local_store_env(args.store_root)
+    result = run_pipeline_local(cfg, args.pipeline_root, enable_caching=not args.no_cache)
+    print(json.dumps(result["outputs"], indent=2, default=str))
+    print(f"step outputs (artifacts, logs' executor files): {result['run_dir']}")
+    print(f"deployed: {result['deployed_to']}" if result["deployed_to"] else "deploy: blocked by the quality gate")
+    return 0
+
+
+def cmd_pipeline_compile(args: argparse.Namespace) -> int:
+    from medfusion.pipelines.medfusion_pipeline import compile_pipeline
+
+    print(f"compiled pipeline: {compile_pipeline(args.output)}")
+    return 0
+
+
+def cmd_pipeline_submit(args: argparse.Namespace) -> int:
+    from medfusion.orchestration import PipelineConfig, submit_pipeline
+
+    cfg = C.load_config(PipelineConfig, args.config, args.overrides)
+    submitted = submit_pipeline(
+        cfg, args.host, namespace=args.namespace, experiment=args.experiment, run_name=args.run_name,
+        service_account=args.service_account, existing_token=args.token, cookies=args.cookies,
+        ssl_ca_cert=args.ssl_ca_cert, enable_caching=False if args.no_cache else None,
+    )
+    print(f"submitted run {submitted['run_id']}: {submitted['url']}")
     return 0
 
 
@@ -254,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--name", default="medfusion", help="Serve application name (default: %(default)s)")
     srv.add_argument("--route-prefix", default="/", help="URL prefix of the application (default: %(default)s)")
     srv.set_defaults(func=cmd_serve)
+    train = _config_parser(groups, "train", C.TrainConfig, "train with Ray Train + DeepSpeed (or DDP), streaming the dataset from S3")
+    train.add_argument("--data", help="dataset root (path or s3://); same as dataset_uri=")
+    train.add_argument("--resume", help="a run folder (path or s3://) to continue from its newest checkpoint")
+    train.set_defaults(func=cmd_train)
+    btr = _config_parser(bench_sub, "train", C.TrainBenchConfig, "Ray Train + DeepSpeed vs a plain PyTorch loop (samples/s, memory)", presets=False)
+    btr.add_argument("--device", choices=["cpu", "cuda"], help="same as device=")
+    btr.add_argument("--zero", help="ZeRO stages to measure, e.g. 0,1,2,3; same as zero_stages=")
+    btr.set_defaults(func=cmd_bench_train)
+
     evaluate = _config_parser(
         groups, "evaluate", C.EvaluateConfig, "score an exported model on a dataset split: metrics.json, plots, report.html",
         presets=False,
@@ -263,6 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output folder (default: eval-<split> next to the model); same as output_uri=")
     evaluate.add_argument("--split", help="train, val or test (default: test); same as split=")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    from medfusion.orchestration import PipelineConfig
+
+    pipeline = groups.add_parser("pipeline", help="the Kubeflow pipeline: run it here, compile it, submit it")
+    pipeline_sub = pipeline.add_subparsers(dest="action", required=True)
+    prun = _config_parser(pipeline_sub, "run", PipelineConfig, "run the whole pipeline here with kfp.local (embedded Ray)", presets=False)
+    prun.add_argument("--local", action="store_true", required=True, help="kfp.local's SubprocessRunner (the only way `run` runs; use `submit` for a KFP server)")
+    prun.add_argument("--pipeline-root", default=".medfusion/pipeline", help="folder of every step's artifacts (default: %(default)s)")
+    prun.add_argument("--no-cache", action="store_true", help="rerun every step instead of reusing cached outputs")
+    prun.set_defaults(func=cmd_pipeline_run)
+    pcompile = pipeline_sub.add_parser("compile", help="compile the pipeline to KFP YAML")
+    pcompile.add_argument("--output", default="medfusion_pipeline.yaml", help="YAML file to write (default: %(default)s)")
+    pcompile.set_defaults(func=cmd_pipeline_compile)
+    psubmit = _config_parser(pipeline_sub, "submit", PipelineConfig, "submit a run to a Kubeflow Pipelines server", presets=False)
+    psubmit.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    psubmit.add_argument("--namespace", default="", help="Kubeflow profile namespace (multi-user installs)")
+    psubmit.add_argument("--experiment", default="medfusion", help="experiment name (default: %(default)s)")
+    psubmit.add_argument("--run-name", default="", help="run name (default: KFP's)")
+    psubmit.add_argument("--service-account", default="", help="service account of the steps; medfusion-pipeline for ray_address=kuberay (k8s/)")
+    psubmit.add_argument("--token", default=os.environ.get("KFP_TOKEN", ""), help="bearer token (default: $KFP_TOKEN)")
+    psubmit.add_argument("--cookies", default=os.environ.get("KFP_COOKIES", ""), help="session cookies, e.g. authservice_session=... (default: $KFP_COOKIES)")
+    psubmit.add_argument("--ssl-ca-cert", default="", help="CA bundle of the endpoint's TLS certificate")
+    psubmit.add_argument("--no-cache", action="store_true", help="disable KFP's step caching for this run")
+    psubmit.set_defaults(func=cmd_pipeline_submit)
 
     from medfusion.demo import DemoConfig
 

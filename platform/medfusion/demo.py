@@ -1,17 +1,19 @@
-"""`make demo` / `medfusion demo`: the main job on an embedded local default.
+"""`make demo` / `medfusion demo`: the main job, the whole pipeline on an embedded local default.
 
-Today: start the local S3 store, generate a synthetic dataset into it, and stream one epoch of
-model batches through Ray Data, printing a summary. Later stages (train, tune, evaluate, serve,
-the Kubeflow pipeline) extend this same function.
+Starts the local S3 store, then runs the Kubeflow pipeline with kfp.local (each step a subprocess
+with its own embedded Ray): prepare a synthetic dataset -> train (Ray Train + DeepSpeed) ->
+evaluate -> quality gate -> deploy to the registry -> smoke test against Ray Serve. Prints the test
+metrics, one prediction with its generated findings, and where the report and plots are.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from medfusion.config import DataConfig, PrepareConfig, SynthConfig, preset_values
 from medfusion.store import DEFAULT_ROOT, Store
 
 
@@ -19,56 +21,63 @@ from medfusion.store import DEFAULT_ROOT, Store
 class DemoConfig:
     """What the demo runs on."""
 
-    preset: str = "tiny"
-    """Size preset of the data and model."""
-    samples: int = 1000
+    samples: int = 800
     """Synthetic images to generate."""
-    dataset_uri: str = "s3://medfusion/datasets/demo"
-    """Where the dataset goes (the local store's bucket)."""
+    epochs: int = 12
+    """Training epochs."""
+    strategy: str = "deepspeed"
+    """Training strategy: deepspeed (ZeRO on CPU with gloo) or ddp."""
+    gate_accuracy: float = 0.3
+    """The quality gate: deploy only when test accuracy reaches this."""
+    prefix: str = "s3://medfusion/demo"
+    """Where the dataset, runs and registry go (the local store's bucket)."""
+    pipeline_root: str = ".medfusion/pipeline"
+    """Folder of every pipeline step's artifacts (kfp.local)."""
     store_root: str = DEFAULT_ROOT
     """Folder of the local store."""
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra TrainConfig fields, e.g. {num_workers: 2}."""
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    import numpy as np
-    import ray
+    from medfusion.orchestration import PipelineConfig, run_pipeline_local
 
-    from medfusion.data.dataset import open_dataset, quiet_ray_data, stream_split, summarize
-    from medfusion.data.prepare import run_prepare
-
-    store = Store(cfg.store_root)
-    state = store.up()
+    state = Store(cfg.store_root).up()
     os.environ.update(state.env())
-    print(f"[1/3] local S3 store at {state.endpoint} (bucket s3://{state.bucket}; `medfusion store down` stops it)")
-
-    synth = SynthConfig(**{**preset_values(cfg.preset, "synth"), "num_samples": cfg.samples})
-    prepared = run_prepare(
-        PrepareConfig(source="synthetic", output_uri=cfg.dataset_uri, overwrite=True, synth=synth), show_progress=True
+    print(f"[1/2] local S3 store at {state.endpoint} (bucket s3://{state.bucket}; `medfusion store down` stops it)", flush=True)
+    pipeline = PipelineConfig(
+        dataset_uri=f"{cfg.prefix}/dataset",
+        storage_uri=f"{cfg.prefix}/runs",
+        registry_uri=f"{cfg.prefix}/registry",
+        preset="tiny",
+        prepare_config={"synth": {"num_samples": cfg.samples}, "overwrite": True},
+        train_config={"epochs": cfg.epochs, "strategy": cfg.strategy, **cfg.train_overrides},
+        gates={"accuracy": cfg.gate_accuracy},
     )
-    print(f"[2/3] {prepared.summary()}")
+    print("[2/2] running the pipeline with kfp.local: prepare -> train -> evaluate -> gate -> deploy -> smoke test", flush=True)
+    result = run_pipeline_local(pipeline, cfg.pipeline_root, enable_caching=False)
+    outputs, run_dir = result["outputs"], Path(result["run_dir"])
 
-    info = open_dataset(cfg.dataset_uri, verify=True)
-    data_cfg = DataConfig(**preset_values(cfg.preset, "data"))
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
-    quiet_ray_data()
-    try:
-        start = time.perf_counter()
-        samples, batches, with_box, report_tokens = 0, 0, 0, 0
-        label_counts = np.zeros(len(info.classes), dtype=np.int64)
-        for batch in stream_split(info, "train", data_cfg).iter_batches(batch_size=data_cfg.batch_size):
-            batches += 1
-            samples += len(batch["image"])
-            with_box += int(batch["has_box"].sum())
-            report_tokens += int((batch["report_ids"] != 0).sum())
-            label_counts += batch["labels"].sum(axis=0).astype(np.int64)
-            shape = batch["image"].shape
-        elapsed = time.perf_counter() - start
-    finally:
-        ray.shutdown()
-    print(
-        f"[3/3] streamed one epoch of split 'train' through Ray Data: {samples} samples in {batches} batches, "
-        f"{samples / elapsed:.0f} samples/s; image batch {tuple(shape)}; {with_box} with a lesion box; "
-        f"{report_tokens / max(samples, 1):.1f} note tokens per sample"
-    )
-    print("      per class: " + ", ".join(f"{c} {n}" for c, n in zip(info.classes, label_counts)))
-    return {"dataset": summarize(info), "streamed_samples": samples, "samples_per_s": samples / elapsed}
+    metrics = outputs.get("metrics") or {}
+    print("\ntest metrics:")
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)):
+            print(f"  {name:<14} {value:.4f}")
+    if result["deployed_to"]:
+        print(f"\ndeployed: {result['deployed_to']} (gate accuracy >= {cfg.gate_accuracy})")
+        smoke = run_dir / "smoke-test" / "executor_output.json"
+        if smoke.exists():
+            prediction = json.loads(smoke.read_text())["parameterValues"]["Output"]
+            top = prediction.get("top_label")
+            print(f"one prediction through Ray Serve: {top}  box {prediction.get('box')}")
+            print(f"  generated findings: {prediction.get('findings')!r}")
+    else:
+        print(f"\ndeploy blocked by the quality gate (accuracy < {cfg.gate_accuracy})")
+    report = run_dir / "evaluate" / "executor_output.json"
+    if report.exists():
+        artifacts = json.loads(report.read_text()).get("artifacts", {})
+        uri = artifacts.get("report", {}).get("artifacts", [{}])[0].get("metadata", {}).get("uri", "")
+        if uri:
+            print(f"\nreport and plots: {uri} (and the *.png beside it)")
+    print(f"every step's outputs: {run_dir}")
+    return result

@@ -897,7 +897,8 @@ def serve_forever(
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(include_dashboard=False, configure_logging=False)
+        # address="local": the embedded Ray, never a cluster some `ray start` left on this machine.
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
     http_options: dict[str, Any] = {"host": host, "port": port}
     if request_timeout_s:
         http_options["request_timeout_s"] = request_timeout_s

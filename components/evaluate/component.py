@@ -1,0 +1,42 @@
+"""KFP component: the evaluate stage (medfusion.evaluate.run_evaluate) -> Metrics, the confusion
+matrix (ClassificationMetrics) and the HTML report."""
+
+from kfp import dsl
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Output
+
+from medfusion.orchestration import DEFAULT_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def evaluate(
+    model_uri: str,
+    dataset: Input[Dataset],
+    metrics: Output[Metrics],
+    classification: Output[ClassificationMetrics],
+    report: Output[HTML],
+    split: str = "test",
+    config: dict = {},
+    ray_address: str = "",
+    namespace: str = "",
+    image: str = "",
+) -> dict:
+    """Evaluate the exported model on one split; return its headline metrics (what the gate reads).
+
+    Args:
+        model_uri: the export folder (train's or tune's output; a URI rather than a Model artifact,
+            because it comes from one of two branches through dsl.OneOf).
+        dataset: the prepare step's Dataset artifact.
+        metrics: headline metrics (accuracy, macro_f1, mean_iou, bleu4, rouge_l...).
+        classification: the confusion matrix.
+        report: report.html with every metric and plot.
+        split: train, val or test.
+        config: further EvaluateConfig fields (engine, limit, batch_size...).
+        ray_address: empty, http://HEAD:8265 or kuberay (medfusion.orchestration).
+        namespace: namespace of the RayJob (kuberay).
+        image: image of the RayJob's pods (kuberay).
+    """
+    from medfusion import orchestration
+
+    values = {**config, "model_uri": model_uri, "data_uri": orchestration.artifact_uri(dataset), "split": split}
+    result = orchestration.run_stage("evaluate", values, ray_address, kuberay=orchestration.kuberay_options(namespace, image))
+    return orchestration.log_evaluation(result, metrics, classification, report)

@@ -1,0 +1,39 @@
+"""KFP component: the prepare stage (medfusion.data.prepare.run_prepare) -> a Dataset artifact."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from medfusion.orchestration import DEFAULT_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def prepare_data(
+    dataset: Output[Dataset],
+    output_uri: str,
+    source: str = "synthetic",
+    source_uri: str = "",
+    preset: str = "",
+    config: dict = {},
+    ray_address: str = "",
+    namespace: str = "",
+    image: str = "",
+) -> str:
+    """Write the dataset (Parquet shards + manifest.json) to `output_uri`; return that URI.
+
+    Args:
+        dataset: the artifact; its metadata `uri` names the dataset root, its file holds the PrepareResult.
+        output_uri: dataset root to write (path or s3://).
+        source: synthetic, manifest or iu_xray.
+        source_uri: the manifest file or the IU X-Ray folder.
+        preset: size preset filling `synth` (tiny, small, base; empty: none).
+        config: further PrepareConfig fields.
+        ray_address: empty, http://HEAD:8265 or kuberay (medfusion.orchestration).
+        namespace: namespace of the RayJob (kuberay).
+        image: image of the RayJob's pods (kuberay).
+    """
+    from medfusion import orchestration
+
+    values = {**config, "source": source, "source_uri": source_uri, "output_uri": output_uri, "preset": preset}
+    result = orchestration.run_stage("prepare", values, ray_address, kuberay=orchestration.kuberay_options(namespace, image))
+    orchestration.record_artifact(dataset, result["dataset_uri"], result)
+    return result["dataset_uri"]

@@ -1,0 +1,52 @@
+"""KFP component: the tune stage (medfusion.tune.run_tune) -> the best Model, the leaderboard, Metrics.
+
+Written against the tune issue's contract (DESIGN.md): ``run_tune(TuneConfig) -> TuneResult`` with the
+dataset URI, the run storage and the search space in, and ``model_uri`` (the best trial's export),
+``leaderboard_uri`` (leaderboard.json) and ``best_metrics`` out. The pipeline runs it only with
+``use_tune=true``.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from medfusion.orchestration import DEFAULT_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def tune(
+    dataset: Input[Dataset],
+    model: Output[Model],
+    leaderboard: Output[Markdown],
+    metrics: Output[Metrics],
+    storage_uri: str,
+    search_space: dict,
+    preset: str = "",
+    config: dict = {},
+    ray_address: str = "",
+    namespace: str = "",
+    image: str = "",
+) -> str:
+    """Run the sweep (Ray Tune); return the best trial's exported model URI.
+
+    Args:
+        dataset: the prepare step's Dataset artifact.
+        model: the best trial's export (metadata `uri`), its file the TuneResult.
+        leaderboard: every trial's result, best first.
+        metrics: the best trial's metrics.
+        storage_uri: where the sweep's folders are written (path or s3://).
+        search_space: the search space (TuneConfig.search_space).
+        preset: size preset filling `model` and `data`.
+        config: further TuneConfig fields.
+        ray_address: empty, http://HEAD:8265 or kuberay (medfusion.orchestration).
+        namespace: namespace of the RayJob (kuberay).
+        image: image of the RayJob's pods (kuberay).
+    """
+    from medfusion import orchestration
+
+    values = {**config, "dataset_uri": orchestration.artifact_uri(dataset), "storage_uri": storage_uri,
+              "search_space": search_space, "preset": preset}
+    result = orchestration.run_stage("tune", values, ray_address, kuberay=orchestration.kuberay_options(namespace, image))
+    orchestration.record_artifact(model, result["model_uri"], result)
+    orchestration.write_leaderboard(leaderboard, result["leaderboard_uri"])
+    orchestration.log_result_metrics(metrics, result)
+    return result["model_uri"]

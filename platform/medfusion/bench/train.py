@@ -1,0 +1,291 @@
+"""`medfusion bench train`: Ray Train + DeepSpeed vs a plain PyTorch loop, same model, data and batch size.
+
+One run measures, on a synthetic dataset streamed from the local S3 store:
+
+(a) Ray Train + DeepSpeed with one worker, once per ZeRO stage in `zero_stages`: the production
+    training loop (`train_loop_per_worker` in benchmark mode: no validation, no checkpoints),
+    streaming its shard through Ray Data, as in `medfusion train`.
+(b) A plain single-process PyTorch loop (AdamW, same clipping and precision) on the same shards,
+    reading and decoding each batch inline (pyarrow, no Ray): what "the same training without
+    Ray" costs. a/b is the headline ratio.
+(b') The same loop over batches decoded into memory before timing: the compute ceiling, so a/b'
+    prices everything Ray Train, DeepSpeed and streaming add (on a small machine, mostly the cores
+    the preprocessing actor takes from training).
+(c) Ray Train + DeepSpeed with `workers` workers (global samples/s; needs that many GPUs on cuda).
+
+Each variant runs `warmup_steps` untimed steps, then `steps` timed ones. Step time includes the wait
+for the next batch; the data-wait share is that wait over the step time. Peak memory is the training
+process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on GPU. Every process uses `threads`
+torch threads, so on a small machine the variants compete for the same cores as they would in use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from collections.abc import Iterator
+from typing import Any
+
+from medfusion.config import (
+    DataConfig,
+    ModelConfig,
+    PrepareConfig,
+    SplitConfig,
+    SynthConfig,
+    TrainBenchConfig,
+    TrainConfig,
+    preset_values,
+)
+
+
+def _settings(cfg: TrainBenchConfig) -> tuple[str, ModelConfig, DataConfig]:
+    preset = cfg.preset or ("small" if cfg.device == "cuda" else "tiny")
+    data_values = preset_values(preset, "data")
+    if cfg.batch_size:
+        data_values["batch_size"] = cfg.batch_size
+    return preset, ModelConfig(**preset_values(preset, "model")), DataConfig(**data_values)
+
+
+def _make_dataset(uri: str, samples: int, image_size: int) -> None:
+    from medfusion.data.prepare import run_prepare
+
+    run_prepare(
+        PrepareConfig(
+            source="synthetic",
+            output_uri=uri,
+            overwrite=True,
+            shard_size_mb=4.0,  # several shards, so Ray Data reads in parallel
+            synth=SynthConfig(num_samples=samples, image_size=image_size, seed=3),
+            split=SplitConfig(val=0.0, test=0.0),  # everything in train: the split that is streamed
+        )
+    )
+
+
+def _plain_batches(info: Any, data_cfg: DataConfig, device: Any, in_memory: bool, count: int) -> Iterator[Any]:
+    """`count` model batches: decoded beforehand (in_memory) or read and decoded here, one by one."""
+    from medfusion.data.dataset import iter_local_batches
+    from medfusion.models import to_tensors
+
+    if in_memory:
+        cached = [to_tensors(b, device) for b in iter_local_batches(info, "train", data_cfg, limit=count * data_cfg.batch_size)]
+        yield from (cached[i % len(cached)] for i in range(count))
+        return
+    served = 0
+    while served < count:
+        for batch in iter_local_batches(info, "train", data_cfg, limit=(count - served) * data_cfg.batch_size):
+            served += 1
+            yield to_tensors(batch, device)
+
+
+def _baseline(args: dict[str, Any]) -> dict[str, float]:
+    """(b), in a fresh process: a plain PyTorch loop, reading and decoding the shards inline
+    (`in_memory` false) or over batches decoded before timing (the compute ceiling)."""
+    import torch
+
+    from medfusion.data.dataset import open_dataset
+    from medfusion.models import build_model
+    from medfusion.training.engine import _float_outputs
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    device = torch.device(args["device"])
+    info = open_dataset(args["dataset_uri"])
+    model_cfg, data_cfg = ModelConfig(**args["model"]), DataConfig(**args["data"])
+    total = args["warmup_steps"] + args["steps"]
+    model = build_model(model_cfg, len(info.tokenizer), len(info.classes)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    dtype = torch.bfloat16 if args["precision"] == "bf16" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = data_wait = 0.0
+    samples = 0
+    batches = _plain_batches(info, data_cfg, device, args["in_memory"], total)
+    for step in range(total):
+        start = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = _float_outputs(model(batch))
+        loss, _ = model.loss(batch, out)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args["clip"])
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= args["warmup_steps"]:
+            timed += time.perf_counter() - start
+            data_wait += fetched - start
+            samples += len(batch["image"])
+    peak = (
+        torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {"samples": samples, "seconds": timed, "data_wait_s": data_wait, "steps": args["steps"], "peak_memory_mib": peak}
+
+
+def _in_fresh_process(args: dict[str, Any]) -> dict[str, float]:
+    """Run `_baseline` in a new interpreter: its peak memory is its own, not this driver's."""
+    code = "import json, sys; from medfusion.bench.train import _baseline; print(json.dumps(_baseline(json.loads(sys.argv[1]))))"
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"plain PyTorch baseline failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ray_variant(cfg: TrainBenchConfig, train: TrainConfig, info: Any) -> dict[str, float]:
+    """(a)/(c): the production training loop in benchmark mode; global samples/s over all workers."""
+    from medfusion.train import fit
+
+    total = cfg.warmup_steps + cfg.steps
+    job = {
+        "train": asdict(train),
+        "run_uri": os.path.join(train.storage_uri, train.name),
+        "lineage": {},
+        "steps_per_epoch": total,
+        "micro_batches_per_epoch": total,
+        "threads": cfg.threads,
+        "bench": {"warmup_steps": cfg.warmup_steps, "steps": cfg.steps},
+    }
+    out = fit(train, info, job)
+    world = int(out["world_size"])
+    return {
+        "samples": out["timed_samples"] * world,  # every rank runs the same number of equal batches
+        "seconds": out["timed_s"],
+        "data_wait_s": out["data_wait_s"],
+        "steps": cfg.steps,
+        "peak_memory_mib": out["peak_memory_mib"],
+    }
+
+
+def _row(name: str, stats: dict[str, float]) -> dict[str, float]:
+    seconds = max(stats["seconds"], 1e-9)
+    return {
+        "name": name,
+        "samples_per_s": stats["samples"] / seconds,
+        "step_time_ms": 1000 * seconds / max(stats["steps"], 1),
+        "data_wait_share": stats["data_wait_s"] / seconds,
+        "peak_memory_mib": stats["peak_memory_mib"],
+    }
+
+
+def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dict[str, Any]:
+    """Run the variants, print a table, return the benchmark JSON object (DESIGN.md)."""
+    import ray
+
+    from medfusion.data.dataset import open_dataset
+
+    use_gpu = cfg.device == "cuda"
+    if use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda: no CUDA GPU is visible to this process")
+        gpus = torch.cuda.device_count()
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before any DeepSpeed import, here and in workers
+        gpus = 0
+    started_store = None
+    if not cfg.data_uri and not os.environ.get("AWS_ENDPOINT_URL"):
+        from medfusion.store import DEFAULT_ROOT, Store
+
+        store = Store(store_root or DEFAULT_ROOT)
+        started_store = None if store.running() else store
+        os.environ.update(store.up().env())
+    preset, model_cfg, data_cfg = _settings(cfg)
+    multi = cfg.workers >= 2 and (not use_gpu or gpus >= cfg.workers)
+    widest = cfg.workers if multi else 1
+    # Enough rows that the widest variant never runs out within one epoch.
+    samples = max(cfg.samples, (cfg.warmup_steps + cfg.steps + 1) * data_cfg.batch_size * widest)
+    data_uri = cfg.data_uri or "s3://medfusion/bench/train"
+    _make_dataset(data_uri, samples, data_cfg.image_size)
+    info = open_dataset(data_uri)
+    precision = "bf16" if use_gpu else "fp32"
+
+    args = {
+        "dataset_uri": data_uri, "model": asdict(model_cfg), "data": asdict(data_cfg), "threads": cfg.threads,
+        "device": "cuda" if use_gpu else "cpu", "precision": precision, "clip": 1.0,
+        "warmup_steps": cfg.warmup_steps, "steps": cfg.steps,
+    }  # fmt: skip
+    baseline = _row("(b) plain PyTorch loop, decoding inline", _in_fresh_process({**args, "in_memory": False}))
+    ceiling = _row("(b') plain PyTorch loop, batches in memory", _in_fresh_process({**args, "in_memory": True}))
+
+    storage_dir = tempfile.mkdtemp(prefix="medfusion-bench-train-")
+
+    def train_cfg(workers: int, stage: int) -> TrainConfig:
+        return TrainConfig(
+            dataset_uri=data_uri, storage_uri=storage_dir, name=f"bench-{uuid.uuid4().hex[:8]}",
+            model=model_cfg, data=data_cfg, epochs=1, zero_stage=stage, precision=precision, clip=1.0,
+            num_workers=workers, cpus_per_worker=reserve, use_gpu=use_gpu, max_failures=0,
+            shuffle_buffer=0, evaluate=False,
+        )  # fmt: skip
+
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=max(os.cpu_count() or 1, widest * cfg.threads + 2),
+            include_dashboard=False, log_to_driver=False, configure_logging=False,
+        )  # fmt: skip
+        started_ray = True
+    # Ray Data needs 2 free CPUs (a read task, a preprocessing actor); on a Ray that is already
+    # running with fewer, the workers reserve none and share the cores.
+    reserve = float(cfg.threads) if ray.cluster_resources().get("CPU", 0) >= widest * cfg.threads + 2 else 0.0
+    try:
+        stages = [_row(f"(a) Ray Train + DeepSpeed ZeRO-{s}, 1 worker", _ray_variant(cfg, train_cfg(1, s), info)) for s in cfg.zero_stages]
+        two = None
+        if multi:
+            two = _row(f"(c) Ray Train + DeepSpeed ZeRO-{cfg.zero_stages[0]}, {cfg.workers} workers",
+                       _ray_variant(cfg, train_cfg(cfg.workers, cfg.zero_stages[0]), info))
+    finally:
+        shutil.rmtree(storage_dir, ignore_errors=True)  # benchmark runs write no checkpoints; only Ray's markers
+        if started_ray:
+            ray.shutdown()
+        if started_store is not None:
+            started_store.down()
+
+    memory_unit = "MiB (GPU, max allocated)" if use_gpu else "MiB (peak RSS)"
+    rows = [baseline, ceiling, *stages, *([two] if two else [])]
+    print(f"{'variant':<44}{'samples/s':>11}{'step ms':>10}{'data wait':>11}{'peak ' + ('GPU' if use_gpu else 'RSS') + ' MiB':>15}")
+    for r in rows:
+        print(f"{r['name']:<44}{r['samples_per_s']:>11.1f}{r['step_time_ms']:>10.1f}{100 * r['data_wait_share']:>10.1f}%{r['peak_memory_mib']:>15.1f}")
+
+    a = stages[0]
+    figures: dict[str, dict[str, Any]] = {
+        "plain_torch_samples_per_s": {"value": round(baseline["samples_per_s"], 2), "unit": "samples/s"},
+        "plain_torch_peak_memory": {"value": round(baseline["peak_memory_mib"], 1), "unit": memory_unit},
+        "plain_torch_step_time": {"value": round(baseline["step_time_ms"], 2), "unit": "ms"},
+        "plain_torch_data_wait_share": {"value": round(baseline["data_wait_share"], 4), "unit": "fraction"},
+        "plain_torch_in_memory_samples_per_s": {"value": round(ceiling["samples_per_s"], 2), "unit": "samples/s"},
+        "plain_torch_in_memory_peak_memory": {"value": round(ceiling["peak_memory_mib"], 1), "unit": memory_unit},
+        "plain_torch_in_memory_step_time": {"value": round(ceiling["step_time_ms"], 2), "unit": "ms"},
+    }
+    for stage, row in zip(cfg.zero_stages, stages):
+        figures[f"ray_deepspeed_zero{stage}_1w_samples_per_s"] = {"value": round(row["samples_per_s"], 2), "unit": "samples/s"}
+        figures[f"ray_deepspeed_zero{stage}_1w_step_time"] = {"value": round(row["step_time_ms"], 2), "unit": "ms"}
+        figures[f"ray_deepspeed_zero{stage}_1w_peak_memory"] = {"value": round(row["peak_memory_mib"], 1), "unit": memory_unit}
+        figures[f"ray_deepspeed_zero{stage}_1w_data_wait_share"] = {"value": round(row["data_wait_share"], 4), "unit": "fraction"}
+    ratios = {
+        "ray_deepspeed_1w_vs_plain_torch": round(a["samples_per_s"] / max(baseline["samples_per_s"], 1e-9), 3),
+        "ray_deepspeed_1w_vs_plain_torch_in_memory": round(a["samples_per_s"] / max(ceiling["samples_per_s"], 1e-9), 3),
+    }
+    if two is not None:
+        figures[f"ray_deepspeed_{cfg.workers}w_samples_per_s"] = {"value": round(two["samples_per_s"], 2), "unit": "samples/s"}
+        figures[f"ray_deepspeed_{cfg.workers}w_step_time"] = {"value": round(two["step_time_ms"], 2), "unit": "ms"}
+        figures[f"ray_deepspeed_{cfg.workers}w_peak_memory"] = {"value": round(two["peak_memory_mib"], 1), "unit": memory_unit}
+        figures[f"ray_deepspeed_{cfg.workers}w_data_wait_share"] = {"value": round(two["data_wait_share"], 4), "unit": "fraction"}
+        ratios[f"ray_deepspeed_{cfg.workers}w_vs_1w"] = round(two["samples_per_s"] / max(a["samples_per_s"], 1e-9), 3)
+    elif cfg.workers >= 2:
+        print(f"(c) skipped: {cfg.workers} workers need {cfg.workers} GPUs, {gpus} visible")
+    print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    config = {**asdict(cfg), "preset": preset, "batch_size": data_cfg.batch_size, "image_size": data_cfg.image_size,
+              "samples": samples, "precision": precision, "cores": os.cpu_count(), "gpus": gpus}  # fmt: skip
+    return {"bench": "train", "config": config, "figures": figures, "ratios": ratios}

@@ -1,0 +1,173 @@
+"""medfusion.orchestration: targets, configs, the quality gate, the remote side's CLI, publishing."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from medfusion import orchestration as o
+from medfusion.config import ConfigError, PrepareConfig, TrainConfig
+
+
+@pytest.mark.parametrize(
+    "address,target",
+    [("", "embedded"), ("http://127.0.0.1:8265", "jobs"), ("https://ray.example.com", "jobs"), ("kuberay", "kuberay")],
+)
+def test_ray_target(address, target):
+    assert o.ray_target(address) == target
+
+
+@pytest.mark.parametrize("address", ["ray://head:10001", "auto", "127.0.0.1:8265"])
+def test_ray_target_rejects_with_the_allowed_values(address):
+    with pytest.raises(ConfigError, match=r"ray_address: must be empty .* http://HEAD:8265 .* 'kuberay'"):
+        o.ray_target(address)
+
+
+def test_build_config_applies_the_preset_under_explicit_values():
+    cfg = o.build_config("train", {"preset": "tiny", "dataset_uri": "d", "model": {"fusion": "concat"}, "ray_address": "http://x:8265"})
+    assert isinstance(cfg, TrainConfig) and cfg.model.fusion == "concat" and cfg.model.preset == "tiny"
+    assert cfg.ray_address == "", "the pipeline's target decides where train runs"
+    prepare = o.build_config("prepare", {"preset": "tiny", "output_uri": "o", "synth": {"num_samples": 50}})
+    assert isinstance(prepare, PrepareConfig) and prepare.synth.num_samples == 50
+
+
+@pytest.mark.parametrize(
+    "stage,values,message",
+    [("fit", {}, "stage: must be one of"), ("train", {"epochs": 0}, "epochs: must be >= 1"), ("prepare", {"source": "x"}, "source: must be one of")],
+)
+def test_build_config_errors_name_the_field(stage, values, message):
+    with pytest.raises(ConfigError, match=message):
+        o.build_config(stage, values)
+
+
+@pytest.mark.parametrize(
+    "metrics,gates,passed",
+    [
+        ({"accuracy": 0.8, "mean_iou": 0.5}, {"accuracy": 0.8}, True),
+        ({"accuracy": 0.8, "mean_iou": 0.5}, {"accuracy": 0.81}, False),
+        ({"accuracy": 0.8, "mean_iou": 0.5}, {"accuracy": 0.5, "mean_iou": 0.6}, False),
+        ({"accuracy": 0.8}, {"bleu4": 0.0}, False),  # a gated metric that was not reported fails
+    ],
+)
+def test_quality_gate(metrics, gates, passed):
+    result = o.quality_gate(metrics, gates)
+    assert result.passed is passed
+    assert result.summary().startswith("PASS" if passed else "BLOCKED")
+
+
+@pytest.mark.parametrize("gates,message", [({}, "at least one"), ({"accuracy": "high"}, "gates.accuracy: the minimum must be a number")])
+def test_quality_gate_config_errors(gates, message):
+    with pytest.raises(ConfigError, match=message):
+        o.quality_gate({"accuracy": 1.0}, gates)
+
+
+def test_pipeline_config_validates():
+    assert o.PipelineConfig().arguments()["gates"] == {"accuracy": 0.0}
+    with pytest.raises(ConfigError, match="search_space: is required with use_tune=true"):
+        o.PipelineConfig(use_tune=True)
+    with pytest.raises(ConfigError, match="ray_address"):
+        o.PipelineConfig(ray_address="head:8265")
+    with pytest.raises(ConfigError, match="source_uri: is required for source=manifest"):
+        o.PipelineConfig(source="manifest")
+
+
+def test_pipeline_config_fields_are_documented():
+    from medfusion.config import field_docs
+
+    docs = field_docs(o.PipelineConfig)
+    assert set(docs) == set(o.PipelineConfig.__dataclass_fields__)
+
+
+def test_entrypoint_round_trips_through_the_remote_cli(tmp_path):
+    # What a Ray job or a RayJob runs: `python -m medfusion.orchestration STAGE ...`, here in-process.
+    values = {"source": "synthetic", "output_uri": str(tmp_path / "data"), "preset": "tiny", "synth": {"num_samples": 40}}
+    result_uri = str(tmp_path / "_results" / "prepare.json")
+    argv = o.stage_entrypoint("prepare", values, result_uri).split()
+    assert argv[:4] == ["python", "-m", "medfusion.orchestration", "prepare"]
+    assert json.loads(base64.urlsafe_b64decode(argv[argv.index("--config-b64") + 1])) == values
+    assert o.main(argv[3:]) == 0
+    result = json.loads((tmp_path / "_results" / "prepare.json").read_text())
+    assert result["dataset_uri"] == str(tmp_path / "data") and sum(result["rows"].values()) == 40
+
+
+def test_remote_cli_reports_config_errors(tmp_path, capsys):
+    payload = base64.urlsafe_b64encode(json.dumps({"source": "nope"}).encode()).decode()
+    assert o.main(["prepare", "--config-b64", payload, "--result-uri", str(tmp_path / "r.json")]) == 2
+    assert "source: must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+class _Artifact:
+    def __init__(self, path):
+        self.path, self.uri, self.metadata, self.logged = str(path), str(path), {}, {}
+
+    def log_metric(self, key, value):
+        self.logged[key] = value
+
+
+def test_artifacts_carry_the_data_uri_and_no_numbers_in_metadata(tmp_path):
+    artifact = _Artifact(tmp_path / "a" / "dataset")
+    o.record_artifact(artifact, "s3://b/data", {"dataset_uri": "s3://b/data", "version": "v1", "rejected": 0, "rows": {"train": 3}})
+    assert artifact.metadata == {"uri": "s3://b/data", "dataset_uri": "s3://b/data", "version": "v1"}
+    assert o.artifact_uri(artifact) == "s3://b/data"
+    assert json.loads((tmp_path / "a" / "dataset").read_text())["rows"] == {"train": 3}
+    metrics = _Artifact(tmp_path / "m")
+    logged = o.log_result_metrics(metrics, {"best_value": 0.5, "epochs_run": 2, "stopped_early": False, "test_metrics": {"accuracy": 0.7, "x": float("nan")}})
+    assert logged == {"best_value": 0.5, "epochs_run": 2.0, "test_accuracy": 0.7}
+
+
+def test_pipeline_config_from_cli_overrides():
+    from medfusion.config import load_config
+
+    cfg = load_config(o.PipelineConfig, overrides=["gates.accuracy=0.8", "train_config.epochs=2", "use_tune=false", "ray_address=kuberay"])
+    assert cfg.gates == {"accuracy": 0.8} and cfg.ray_address == "kuberay"
+    assert o.build_config("train", {**cfg.train_config, "dataset_uri": "d"}).epochs == 2  # strings are coerced by the stage
+    with pytest.raises(ConfigError, match="gates.accuracy: the minimum must be a number, got 'high'"):
+        load_config(o.PipelineConfig, overrides=["gates.accuracy=high"])
+
+
+def test_submit_pipeline_uses_kfp_client(monkeypatch):
+    import kfp
+
+    calls = {}
+
+    class FakeClient:
+        def __init__(self, **kwargs):
+            calls["client"] = kwargs
+
+        def create_run_from_pipeline_func(self, func, **kwargs):
+            calls["run"] = {"func": func.name, **kwargs}
+            return type("Result", (), {"run_id": "run-123"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    cfg = o.PipelineConfig(ray_address="kuberay", namespace="team-a")
+    submitted = o.submit_pipeline(cfg, "https://kfp.example.com/pipeline", namespace="team-a", existing_token="t0k",
+                                  service_account="medfusion-pipeline")
+    assert submitted == {"run_id": "run-123", "url": "https://kfp.example.com/pipeline/#/runs/details/run-123"}
+    assert calls["client"]["host"] == "https://kfp.example.com/pipeline" and calls["client"]["existing_token"] == "t0k"
+    assert calls["run"]["func"] == "medfusion" and calls["run"]["arguments"] == cfg.arguments()
+    assert calls["run"]["service_account"] == "medfusion-pipeline" and calls["run"]["namespace"] == "team-a"
+
+
+def test_import_starts_nothing_heavy(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, medfusion.orchestration;"
+            "print(','.join(m for m in ('torch', 'ray', 'kfp', 'kubernetes', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "stage,values,root",
+    [
+        ("prepare", {"output_uri": "s3://b/datasets/d1"}, "s3://b/datasets/_results"),
+        ("train", {"dataset_uri": "s3://b/datasets/d1", "storage_uri": "s3://b/runs"}, "s3://b/runs/_results"),
+        ("evaluate", {"model_uri": "s3://b/runs/r1/model", "data_uri": "s3://b/datasets/d1"}, "s3://b/runs/r1/_results"),
+    ],
+)
+def test_remote_results_go_beside_the_outputs_never_into_the_dataset(stage, values, root):
+    assert o._default_result_root(o.build_config(stage, values)) == root
