@@ -120,7 +120,7 @@ def _job_config(address: str, dataset_uri: str, storage_uri: str, name: str):
         preset="tiny",
         overrides=[
             f"ray_address={address}", f"dataset_uri={dataset_uri}", f"storage_uri={storage_uri}", f"name={name}",
-            "data.image_size=32", "epochs=1", "num_workers=2", "cpus_per_worker=0", "zero_stage=2", "evaluate=false",
+            "data.image_size=32", "epochs=1", "num_workers=2", "cpus_per_worker=0.5", "zero_stage=2", "evaluate=false",
         ],
     )  # fmt: skip
 

@@ -561,9 +561,8 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (data-parallel ranks)."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per worker; the rest of the cluster's CPUs preprocess data (Ray Data needs >= 2
-    free: a read task and a preprocessing actor). 0 reserves none (a 2-core machine: workers and
-    preprocessing share the cores)."""
+    """CPUs reserved per worker; the rest of the cluster's CPUs read and preprocess data (Ray Data
+    tasks need at least one free). 0 reserves none: workers and preprocessing share the cores."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); otherwise CPU workers with gloo and DS_ACCELERATOR=cpu."""
     ray_address: str = ""

@@ -259,7 +259,7 @@ def ensure_ray(cfg: TrainConfig) -> bool:
         return False
     # address="local": a new embedded Ray, even when a `ray start` cluster on this machine would
     # otherwise capture a plain ray.init().
-    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2  # Ray Data: a read task + a preprocessing actor
+    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1  # + 1 for Ray Data's read/preprocess tasks
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, configure_logging=False)
     return True
 

@@ -232,13 +232,13 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
     started_ray = False
     if not ray.is_initialized():
         ray.init(
-            address="local", num_cpus=max(os.cpu_count() or 1, widest * cfg.threads + 2),
+            address="local", num_cpus=max(os.cpu_count() or 1, widest * cfg.threads + 1),
             include_dashboard=False, log_to_driver=False, configure_logging=False,
         )  # fmt: skip
         started_ray = True
-    # Ray Data needs 2 free CPUs (a read task, a preprocessing actor); on a Ray that is already
-    # running with fewer, the workers reserve none and share the cores.
-    reserve = float(cfg.threads) if ray.cluster_resources().get("CPU", 0) >= widest * cfg.threads + 2 else 0.0
+    # Ray Data's read/preprocess tasks need a free CPU; on a Ray that is already running with too
+    # few, the workers reserve none and share the cores.
+    reserve = float(cfg.threads) if ray.cluster_resources().get("CPU", 0) >= widest * cfg.threads + 1 else 0.0
     try:
         stages = [_row(f"(a) Ray Train + DeepSpeed ZeRO-{s}, 1 worker", _ray_variant(cfg, train_cfg(1, s), info)) for s in cfg.zero_stages]
         two = None

@@ -96,7 +96,7 @@ def job_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _explicit_address() -> Iterator[None]:
+def explicit_address() -> Iterator[None]:
     """JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is
     given; the configured ray_address must win (e.g. RAY_ADDRESS names a local cluster)."""
     saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
@@ -124,7 +124,7 @@ def submit_and_follow(cfg: TrainConfig, out: TextIO | None = None) -> str:
     out = out or sys.stdout
     address = cfg.ray_address.rstrip("/")
     try:
-        with _explicit_address():
+        with explicit_address():
             client = JobSubmissionClient(address, headers=auth_headers())
         job_id = client.submit_job(
             entrypoint=job_entrypoint(cfg),
