@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import pytest
 
 from medfusion import storage
 from medfusion.config import PrepareConfig, SynthConfig
+from medfusion.store import free_ports
 from medfusion.train import load_train_config, run_train
 from medfusion.training.jobs import JobError
 
@@ -34,16 +34,6 @@ PORT_FLAGS = (
     "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
     "--node-manager-port", "--object-manager-port",
 )  # fmt: skip
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _our_processes(marker: str) -> list[int]:
@@ -64,7 +54,7 @@ def ray_head(s3_store):
     """A Ray head with token auth and 2 CPUs; yields (dashboard URL, token)."""
     temp_dir = tempfile.mkdtemp(prefix="mfhead", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = uuid.uuid4().hex
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, DS_ACCELERATOR="cpu",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip

@@ -36,7 +36,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports."""
     ports: set[int] = set()
     while len(ports) < n:
         ports.add(free_port())
@@ -137,7 +138,7 @@ class Store:
         else:
             access_key, secret_key = "mf" + secrets.token_hex(8), secrets.token_urlsafe(24)
             names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"]
-            ports = dict(zip(names, _free_ports(len(names))))
+            ports = dict(zip(names, free_ports(len(names))))
             ports["s3"] = s3_port or free_port()
         config_path = self.root / "s3.json"
         config_path.write_text(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import struct
 import time
 import zlib
@@ -25,6 +24,7 @@ from medfusion.data import synth
 from medfusion.data.tokenizer import Tokenizer
 from medfusion.export import export_model
 from medfusion.models import create_model
+from medfusion.store import free_port  # noqa: F401  (tests/serve import it from here)
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -33,12 +33,6 @@ DATA = DataConfig(image_size=64, max_report_tokens=24, max_findings_tokens=40)
 TOKEN = "s3cr3t-t0ken"
 # Small limits so that the hostile requests stay small; the defaults are checked in test_api.py.
 LIMITS = ServeLimitsConfig(max_body_bytes=256 * 1024, max_pixels=2_000_000, max_report_chars=2_000, request_timeout_s=20.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- images
