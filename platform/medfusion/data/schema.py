@@ -2,7 +2,7 @@
 
 Sources (synthetic, generic manifest, IU X-Ray) yield `Sample`s; the shard writer turns them into
 rows of `SHARD_SCHEMA`. `box` is normalized xyxy in [0, 1] (fractions of width and height), or
-None when the image has no lesion.
+None when the image has no lesion; readers take any list of 4 (older datasets wrote a fixed-size list).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ SHARD_SCHEMA = pa.schema(
         pa.field("report", pa.string(), nullable=False),
         pa.field("findings", pa.string(), nullable=False),
         pa.field("labels", pa.list_(pa.int32()), nullable=False),
-        pa.field("box", pa.list_(pa.float32(), 4), nullable=True),
+        # A variable-length list holding 4 values (not a fixed-size list): some pyarrow releases cannot
+        # read back a null fixed-size list from Parquet ("Expected all lists to be of size=4").
+        pa.field("box", pa.list_(pa.float32()), nullable=True),
     ]
 )
 
