@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
-import hashlib
 import importlib
 import json
 import math
@@ -123,6 +122,10 @@ def build_config(stage: str, values: Mapping[str, Any]) -> Any:
         base[section] = {**preset_values(preset, section), **values.pop(section, {})}
     if stage == "train":
         values["ray_address"] = ""  # the pipeline's target decides where it runs, not TrainConfig's own
+    if stage == "tune":
+        # The pipeline registers in its deploy step, after the quality gate: a sweep's winner must not
+        # become <name>:latest before it has passed.
+        values["register"] = False
     return load_config(_resolve(spec.config), base={**base, **values})
 
 
@@ -595,27 +598,7 @@ def write_gate_decision(artifact: Any, result: GateResult) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def publish_export(model_uri: str, registry_uri: str, name: str) -> str:
-    """Copy an export folder to ``<registry_uri>/<name>/<version>`` (version: the first 12 hex digits
-    of the sha256 of its checksums.json, so republishing is a no-op) and point ``<name>/latest`` at it.
-    Returns the published folder's URI.
-
-    A provisional layout until medfusion.registry (the tune issue) owns publishing and NAME:VERSION
-    references; serving takes the returned export URI as it is.
-    """
-    from medfusion.export import CHECKSUMS_FILE, verify_export
-
-    files = verify_export(model_uri)  # raises on an incomplete or corrupted export
-    checksums = files.pop(CHECKSUMS_FILE)
-    version = "sha-" + hashlib.sha256(checksums).hexdigest()[:12]
-    target = storage.join(registry_uri, name, version)
-    storage.ensure_bucket(target)
-    if not storage.exists(storage.join(target, CHECKSUMS_FILE)):
-        for file_name, data in files.items():
-            storage.write_bytes(storage.join(target, file_name), data)
-        storage.write_bytes(storage.join(target, CHECKSUMS_FILE), checksums)  # last: marks it complete
-    storage.write_text(storage.join(registry_uri, name, "latest"), version + "\n")
-    return target
+DEPLOYMENTS_DIR = "_deployments"  # <registry>/<name>/_deployments/<version>/: never a valid version name
 
 
 def serve_config_document(args: Mapping[str, Any], app_name: str = "medfusion", route_prefix: str = "/") -> dict[str, Any]:
@@ -638,7 +621,7 @@ class DeployResult:
     model_uri: str
     """The published export the application serves."""
     serve_config_uri: str
-    """The Serve config document (YAML) written next to the published model."""
+    """The Serve config document (YAML), at <registry>/<name>/_deployments/<version>/serve_config.yaml."""
     url: str
     """Where the application answers; empty for the embedded target, where nothing outlives the step."""
     target: str
@@ -647,7 +630,7 @@ class DeployResult:
 def deploy(model_uri: str, registry_uri: str, model_name: str, serve_args: Mapping[str, Any],
            ray_address: str = "", *, serve_url: str = "", kuberay: KubeRayOptions | None = None,
            out: TextIO | None = None) -> DeployResult:
-    """Publish the model and deploy the Serve application where `ray_address` says.
+    """Register the model (medfusion.registry) and deploy the Serve application where `ray_address` says.
 
     - embedded: publish and write the Serve config only (`smoke_test_embedded` brings it up; nothing
       started in a pipeline step outlives it);
@@ -658,9 +641,14 @@ def deploy(model_uri: str, registry_uri: str, model_name: str, serve_args: Mappi
     import yaml
 
     target = ray_target(ray_address)
-    published = publish_export(model_uri, registry_uri, model_name)
+    from medfusion import registry
+
+    # Republishing the same export is a no-op (content-addressed version); it becomes name:latest.
+    version = registry.register(model_uri, registry_uri, model_name)
+    published = version.uri
     document = serve_config_document({**serve_args, "model": published}, app_name=model_name)
-    config_uri = storage.join(published, "serve_config.yaml")
+    # Beside the version, not inside it: a registered version is immutable.
+    config_uri = storage.join(registry_uri, model_name, DEPLOYMENTS_DIR, version.version, "serve_config.yaml")
     storage.write_text(config_uri, yaml.safe_dump(document, sort_keys=False))
     url = ""
     if target == "jobs":

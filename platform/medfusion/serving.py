@@ -68,13 +68,6 @@ PARSE_IN_THREAD_BYTES = 64 * 1024  # smaller bodies parse faster than a thread h
 READY_TIMEOUT_S = 2.0
 READY_FRESH_S = 10.0
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# The registry of the tune issue plugs in here: a module with
-#     resolve_model_uri(registry_uri: str, name: str, version: str) -> str  (an export folder URI)
-# where version is "latest" (an alias) or an immutable version. Until it exists, NAME[:VERSION]
-# references fail with a ConfigError that says to pass an export URI.
-REGISTRY_MODULE = "medfusion.registry"
-REGISTRY_RESOLVER = "resolve_model_uri"
 # Fields of ServeConfig the model replicas read: changing any other field (limits, auth...) does not
 # restart them.
 MODEL_FIELDS = ("device", "beam_size", "max_decode_len", "max_batch_size", "batch_wait_timeout_s", "torch_threads")
@@ -114,33 +107,27 @@ def resolve_model_uri(model: str, registry_uri: str = "") -> str:
 
     Args:
         model: an export folder (local path, ``s3://...``), or ``NAME[:VERSION]`` (VERSION defaults to
-            ``latest``) resolved through ``medfusion.registry.resolve_model_uri`` (see REGISTRY_MODULE).
+            ``latest``) resolved through ``medfusion.registry.resolve_model_uri``.
         registry_uri: the registry root, for NAME[:VERSION].
 
     Raises:
-        ConfigError: naming the field, when the reference cannot be resolved.
+        ConfigError: naming the field, when the reference cannot be resolved (an unknown name or
+            version lists the registered ones).
     """
+    from medfusion import registry
+
     model = model.strip()
     if not model:
         raise ConfigError("model: required: an export folder (path or s3://...) or NAME[:VERSION] from the registry")
     if _is_uri(model):
         return model
-    name, _, version = model.partition(":")
-    version = version or "latest"
-    if not MODEL_NAME.match(name) or not MODEL_NAME.match(version):
-        raise ConfigError(f"model: {model!r} is neither an existing path, an s3:// URI nor NAME[:VERSION]")
-    import importlib
-
     try:
-        resolver = getattr(importlib.import_module(REGISTRY_MODULE), REGISTRY_RESOLVER)
-    except (ImportError, AttributeError):
-        raise ConfigError(
-            f"model: {model!r} is a registry reference, but this install has no model registry "
-            f"({REGISTRY_MODULE}.{REGISTRY_RESOLVER}); pass an export folder (path or s3://...)"
-        ) from None
+        name, version = registry.parse_ref(model)
+    except ConfigError as err:
+        raise ConfigError(f"model: {model!r} is neither an existing path, an s3:// URI nor NAME[:VERSION] ({err})") from None
     if not registry_uri:
         raise ConfigError(f"registry_uri: required to resolve the registry reference {model!r}")
-    return str(resolver(registry_uri, name, version))
+    return registry.resolve_model_uri(registry_uri, name, version)
 
 
 def read_token(env_name: str, token_file: str) -> str | None:
@@ -500,11 +487,14 @@ class ServeMetrics:
 class ModelRunner:
     """A loaded Predictor answering batches off the event loop; each result names the model version."""
 
-    def __init__(self, predictor: Any, metrics: ServeMetrics | None = None) -> None:
+    def __init__(self, predictor: Any, metrics: ServeMetrics | None = None, registered: str = "") -> None:
         self.predictor = predictor
         self.metrics = metrics or ServeMetrics(enabled=False)
+        self.registered = registered
         info = predictor.info
         self.model = {"name": info["model_name"], "version": info["version"]}
+        if registered:  # NAME:VERSION in the model registry, when loaded from there
+            self.model["registered"] = registered
 
     @classmethod
     def load(
@@ -525,14 +515,17 @@ class ModelRunner:
             batch_size=int(args.get("max_batch_size", 16)),
             max_pixels=int(args.get("max_pixels", ServeLimitsConfig.max_pixels)),
         )
-        runner = cls(predictor, metrics)
+        from medfusion.registry import registered_as
+
+        runner = cls(predictor, metrics, registered=registered_as(uri))
         if warm_up:  # the first forward pays lazy initialization; do it before taking traffic
             runner.predict_now([{"image": _blank_png(predictor.image_size), "report": "warm up"}])
         return runner
 
     @property
     def info(self) -> dict[str, Any]:
-        return self.predictor.info
+        """The predictor's info, plus ``registered`` (NAME:VERSION) when it came from the registry."""
+        return {**self.predictor.info, **({"registered": self.registered} if self.registered else {})}
 
     def predict_now(self, items: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Predict `items` in this thread (errors per item, as ``{"error", "index"}``)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medfusion import storage
+from medfusion import registry, storage
 from medfusion.orchestration import PipelineConfig, run_pipeline_local
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -70,11 +70,12 @@ def test_pipeline_runs_end_to_end_and_deploys_when_the_gate_passes(passing_run):
     assert sum(sum(row["row"]) for row in matrix["rows"]) == min(test_rows, EVALUATE["limit"])
     assert "<html" in (run_dir / "evaluate" / "report").read_text().lower()
 
-    # deploy published the export to the registry with its Serve config
-    version = storage.read_text(storage.join(cfg.registry_uri, cfg.model_name, "latest")).strip()
-    published = storage.join(cfg.registry_uri, cfg.model_name, version)
-    assert storage.exists(storage.join(published, "checksums.json"))
-    app = yaml.safe_load(storage.read_text(storage.join(published, "serve_config.yaml")))["applications"][0]
+    # deploy registered the export as the model's latest version, its Serve config beside it
+    latest = registry.get_version(cfg.registry_uri, cfg.model_name)
+    published = latest.uri
+    assert latest.is_latest and storage.exists(storage.join(published, "checksums.json"))
+    serve_config = storage.join(cfg.registry_uri, cfg.model_name, "_deployments", latest.version, "serve_config.yaml")
+    app = yaml.safe_load(storage.read_text(serve_config))["applications"][0]
     assert app["import_path"] == "medfusion.serve.app:build_app" and app["args"]["model"] == published
 
     # the smoke test served it and got a prediction for a real test image

@@ -1,4 +1,4 @@
-"""medfusion.orchestration: targets, configs, the quality gate, the remote side's CLI, publishing."""
+"""medfusion.orchestration: targets, configs, the quality gate, the remote side's CLI, deploying to the registry."""
 
 from __future__ import annotations
 
@@ -171,3 +171,31 @@ def test_import_starts_nothing_heavy(tmp_path):
 )
 def test_remote_results_go_beside_the_outputs_never_into_the_dataset(stage, values, root):
     assert o._default_result_root(o.build_config(stage, values)) == root
+
+
+def test_deploy_registers_the_export_and_keeps_the_serve_config_out_of_the_version(tmp_path):
+    import torch
+    import yaml
+
+    from medfusion import registry, storage
+    from medfusion.config import DataConfig
+    from medfusion.data.tokenizer import Tokenizer
+    from medfusion.export import export_model, verify_export
+    from medfusion.models import create_model
+
+    tokenizer = Tokenizer.build(["a small opacity in the left lung"])
+    torch.manual_seed(0)
+    model = create_model("medfusion_tiny", len(tokenizer), 3)
+    export = export_model(model, str(tmp_path / "export"), tokenizer=tokenizer, classes=["a", "b", "c"],
+                          data_settings=DataConfig(image_size=64), lineage={"dataset_version": "d1"})
+    root = str(tmp_path / "registry")
+    first = o.deploy(export, root, "medfusion", {"device": "cpu"})
+    again = o.deploy(export, root, "medfusion", {"device": "cpu"})  # republishing is a no-op
+    latest = registry.get_version(root, "medfusion")
+    assert first.model_uri == again.model_uri == latest.uri and latest.is_latest and first.target == "embedded"
+    assert [v.version for v in registry.list_versions(root)] == [latest.version]
+    assert first.serve_config_uri == storage.join(root, "medfusion", o.DEPLOYMENTS_DIR, latest.version, "serve_config.yaml")
+    app = yaml.safe_load(storage.read_text(first.serve_config_uri))["applications"][0]
+    assert app["args"]["model"] == latest.uri and app["name"] == "medfusion"
+    assert "serve_config.yaml" not in {p.rsplit("/", 1)[-1] for p in storage.list_files(latest.uri)}
+    verify_export(latest.uri)

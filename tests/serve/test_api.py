@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import sys
-import types
 
 import httpx
 import pytest
@@ -29,7 +28,7 @@ from serve_cases import (
     send_kwargs,
     strip_meta,
 )
-from medfusion import serving
+from medfusion import registry, serving
 from medfusion.config import ConfigError, ServeConfig, load_config
 from medfusion.data.images import DEFAULT_MAX_PIXELS
 from medfusion.predictor import Predictor
@@ -234,24 +233,33 @@ def test_bad_serve_config_names_the_field(overrides, message):
         load_config(ServeConfig, overrides=overrides)
 
 
-def test_model_reference_resolution(tmp_path, monkeypatch):
+def test_model_reference_resolution(tmp_path, tiny_export):
     assert serving.resolve_model_uri("s3://bucket/exports/m1") == "s3://bucket/exports/m1"
     assert serving.resolve_model_uri(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ConfigError, match="model: required"):
         serving.resolve_model_uri("")
-    with pytest.raises(ConfigError, match="no model registry"):
-        serving.resolve_model_uri("medfusion_tiny:3", "s3://bucket/registry")
     with pytest.raises(ConfigError, match="neither an existing path"):
         serving.resolve_model_uri("bad name")
-    # The hook the registry plugs into: medfusion.registry.resolve_model_uri(registry_uri, name, version).
-    calls = []
-    registry = types.ModuleType("medfusion.registry")
-    registry.resolve_model_uri = lambda root, name, version: calls.append((root, name, version)) or f"{root}/{name}/{version}"
-    monkeypatch.setitem(sys.modules, "medfusion.registry", registry)
-    assert serving.resolve_model_uri("medfusion_tiny", "s3://r") == "s3://r/medfusion_tiny/latest"
-    assert serving.resolve_model_uri("medfusion_tiny:7", "s3://r") == "s3://r/medfusion_tiny/7"
     with pytest.raises(ConfigError, match="registry_uri: required"):
         serving.resolve_model_uri("medfusion_tiny:7")
+    # NAME[:VERSION] goes through the model registry (medfusion.registry), complete versions only.
+    root = str(tmp_path / "registry")
+    pinned = registry.register(tiny_export.uri, root, "medfusion_tiny", version="v1")
+    assert serving.resolve_model_uri("medfusion_tiny", root) == pinned.uri
+    assert serving.resolve_model_uri("medfusion_tiny:latest", root) == pinned.uri
+    assert serving.resolve_model_uri("medfusion_tiny:v1", root) == pinned.uri
+    with pytest.raises(ConfigError, match="model 'other' is not in the registry .*; models: medfusion_tiny"):
+        serving.resolve_model_uri("other", root)
+    with pytest.raises(ConfigError, match="has no version '7'; versions in .*: v1"):
+        serving.resolve_model_uri("medfusion_tiny:7", root)
+
+
+def test_a_registered_model_says_which_version_it_is(tmp_path, tiny_export):
+    pinned = registry.register(tiny_export.uri, str(tmp_path / "registry"), "medfusion_tiny", version="v1")
+    runner = serving.ModelRunner.load(pinned.uri, {"max_batch_size": 2}, warm_up=False)
+    assert runner.info["registered"] == "medfusion_tiny:v1" and runner.model["registered"] == "medfusion_tiny:v1"
+    plain = serving.ModelRunner.load(tiny_export.uri, {"max_batch_size": 2}, warm_up=False)
+    assert "registered" not in plain.info and "registered" not in plain.model
 
 
 def test_token_sources(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import ray
+from medfusion import registry
 from medfusion.bench.serve import LoadResult, encode_multipart, run_load
 from serve_cases import make_export, png, replica_states, wait_for
 
@@ -92,16 +93,20 @@ def test_killed_replica_under_load_is_replaced(deploy, tiny_export):
 
 
 def test_version_change_is_a_config_update_with_zero_failed_requests(deploy, tiny_export, tmp_path):
+    # Both versions come from the model registry: the app first serves NAME:VERSION, then NAME:latest.
+    root = str(tmp_path / "registry")
+    v1 = registry.register(tiny_export.uri, root, "roll-model")
     v2 = make_export(str(tmp_path / "model-v2"), seed=1)
     assert v2.version != tiny_export.version
-    url = deploy("roll", model=tiny_export.uri, num_cpus=0.25, max_queued_requests=-1)
+    url = deploy("roll", model=f"roll-model:{v1.version}", registry_uri=root, num_cpus=0.25, max_queued_requests=-1)
     versions: list[str] = []
     load = Background(
         url, concurrency=4, requests=100_000, max_seconds=25,
         on_response=lambda r: versions.append(r.json()["model"]["version"]) if r.status_code == 200 else None,
     )
     time.sleep(3.0)
-    deploy("roll", model=v2.uri, num_cpus=0.25, max_queued_requests=-1)  # the config update: a new export
+    registry.register(v2.uri, root, "roll-model")  # the new latest
+    deploy("roll", model="roll-model:latest", registry_uri=root, num_cpus=0.25, max_queued_requests=-1)  # the update
     result = load.join(60)
     print(f"rollover: {result.summary()} responses per version {dict(Counter(versions))}")
     assert result.errors == 0 and dict(result.statuses) == {200: result.requests}, result.statuses
