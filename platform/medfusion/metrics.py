@@ -118,6 +118,17 @@ def _normalize(text: str) -> str:
     return " ".join(split_words(text or ""))
 
 
+def corpus_bleu(generated: Sequence[str], references: Sequence[str], n_gram: int = 4) -> float:
+    """Corpus BLEU-n of generated texts against one reference each (text_metrics' normalization);
+    NaN for no texts."""
+    if len(generated) != len(references):
+        raise ValueError(f"corpus_bleu: {len(generated)} generated texts but {len(references)} references")
+    if not generated:
+        return NAN
+    preds = [_normalize(t) for t in generated]
+    return float(bleu_score(preds, [[_normalize(r)] for r in references], n_gram=n_gram))
+
+
 def text_metrics(generated: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus BLEU-1..4 and mean ROUGE-L F1 of generated findings against one reference each."""
     if len(generated) != len(references):
@@ -212,3 +223,33 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective of a sweep (medfusion.config.ObjectiveConfig)
+# ---------------------------------------------------------------------------------------------
+
+CLASSIFICATION_KEYS = {"accuracy": "accuracy", "auroc": "auroc_macro"}
+
+
+def task_metric_keys(classification_metric: str, prefix: str = "") -> dict[str, str]:
+    """The metric key of each objective term: evaluate's names, or the validation names with
+    ``prefix="val_"`` (e.g. classification -> ``val_auroc_macro`` for classification_metric=auroc)."""
+    return {
+        "classification": prefix + CLASSIFICATION_KEYS[classification_metric],
+        "mean_iou": prefix + "mean_iou",
+        "bleu4": prefix + "bleu4",
+    }
+
+
+def objective_value(
+    metrics: Mapping[str, Any], weights: Mapping[str, float], classification_metric: str = "accuracy", prefix: str = ""
+) -> float:
+    """The weighted sum of the three task metrics in `metrics` (an undefined or missing one counts 0,
+    so a split without lesions does not make every trial's score NaN)."""
+    total = 0.0
+    for term, key in task_metric_keys(classification_metric, prefix).items():
+        value = metrics.get(key)
+        if weights.get(term, 0.0) and isinstance(value, (int, float)) and math.isfinite(float(value)):
+            total += float(weights[term]) * float(value)
+    return total

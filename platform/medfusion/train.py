@@ -28,6 +28,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -219,7 +220,23 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
         submit_and_follow(cfg)
         return read_result(run_uri)
+    return train_here(cfg)
 
+
+def train_here(
+    cfg: TrainConfig, *, callbacks: Sequence[Any] = (), objective: Mapping[str, Any] | None = None
+) -> TrainResult:
+    """Train into <storage_uri>/<name> on the Ray this process is connected to (embedded when none).
+
+    What run_train does once the run folder is fixed; a tune trial calls it with Tune's report callback
+    and the sweep's objective weights.
+
+    Args:
+        cfg: a config whose storage_uri and name are set.
+        callbacks: Ray Train callbacks of the run (e.g. ray.tune.integration.ray_train.TuneReportCallback).
+        objective: ObjectiveConfig fields, the weights of the per-epoch val_objective (default weights otherwise).
+    """
+    run_uri = run_uri_of(cfg)
     cfg, plan = _plan(cfg)
     _check_run_folder(cfg, run_uri)
     storage.ensure_bucket(run_uri)
@@ -241,15 +258,21 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         "lineage": lineage,
         "steps_per_epoch": plan.steps_per_epoch,
         "micro_batches_per_epoch": plan.micro_batches_per_epoch,
+        "objective": dict(objective or {}),
     }
-    out = fit(cfg, plan.info, job)
+    out = fit(cfg, plan.info, job, callbacks=callbacks)
     test_rows = plan.info.rows("test") if "test" in plan.info.manifest["splits"] else 0
     return _write_outputs(cfg, run_uri, out, test_rows)
 
 
-def ensure_ray(cfg: TrainConfig) -> bool:
+def ensure_ray(cfg: TrainConfig, *, dashboard: bool = False, cpus: float = 0.0) -> bool:
     """Start an embedded Ray unless one is running (or this process runs inside a Ray job, whose
-    RAY_ADDRESS names the cluster). Returns whether this call started it."""
+    RAY_ADDRESS names the cluster). Returns whether this call started it.
+
+    Args:
+        dashboard: start the dashboard too; Ray Tune needs it (see medfusion.tune).
+        cpus: CPUs the work needs beyond one run of `cfg` (the embedded Ray gets at least that many).
+    """
     import ray
 
     if ray.is_initialized():
@@ -259,9 +282,25 @@ def ensure_ray(cfg: TrainConfig) -> bool:
         return False
     # address="local": a new embedded Ray, even when a `ray start` cluster on this machine would
     # otherwise capture a plain ray.init().
-    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1  # + 1 for Ray Data's read/preprocess tasks
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, configure_logging=False)
+    needed = math.ceil(max(cpus, cfg.num_workers * cfg.cpus_per_worker)) + 1  # + 1 for Ray Data's read/preprocess tasks
+    # With the dashboard (Tune) every worker pins RAY_ADDRESS to its own cluster (pin_ray_address).
+    runtime_env = {"worker_process_setup_hook": "medfusion.train.pin_ray_address"} if dashboard else None
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=dashboard,
+             configure_logging=False, runtime_env=runtime_env)  # fmt: skip
     return True
+
+
+def pin_ray_address() -> None:
+    """Worker setup hook: RAY_ADDRESS = this worker's own cluster.
+
+    Ray Train's placement-group cleaner (which frees a run's workers when its controller dies, e.g.
+    a Tune trial stopped by ASHA) finds its cluster through the State API, whose address lookup
+    takes "the latest" Ray on a machine running several (another user's, a test session's) unless
+    RAY_ADDRESS names one.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
@@ -285,42 +324,53 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return resources
 
 
-def fit(cfg: TrainConfig, info: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """Run the TorchTrainer; return rank 0's return value of the loop."""
+def build_trainer(cfg: TrainConfig, info: Any, job: dict[str, Any], callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of one run: `train_loop_per_worker` on cfg.num_workers workers, streaming the
+    train (and val) split, checkpointing into <storage_uri>/<name>. Call `ensure_ray` first."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from medfusion.data.dataset import quiet_ray_data, stream_split
+    from medfusion.data.dataset import stream_split
     from medfusion.training.loop import train_loop_per_worker
+
+    datasets = {"train": stream_split(info, "train", cfg.data, training=True, seed=cfg.seed)}
+    if not job.get("bench"):
+        # The findings text rides along: validation scores the greedy findings with BLEU-4.
+        datasets["val"] = stream_split(info, "val", cfg.data, extra_columns=("findings",), concurrency=1)
+    if storage.is_s3(cfg.storage_uri):
+        fs, storage_path = storage.filesystem(cfg.storage_uri)
+    else:
+        fs, storage_path = None, cfg.storage_uri
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+    )
+
+
+def fit(cfg: TrainConfig, info: Any, job: dict[str, Any], callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the TorchTrainer; return rank 0's return value of the loop."""
+    import ray.train
+
+    from medfusion.data.dataset import quiet_ray_data
 
     started = ensure_ray(cfg)
     quiet_ray_data()
     try:
-        datasets = {"train": stream_split(info, "train", cfg.data, training=True, seed=cfg.seed)}
-        if not job.get("bench"):
-            datasets["val"] = stream_split(info, "val", cfg.data, concurrency=1)
-        resources = worker_resources(cfg)
-        if storage.is_s3(cfg.storage_uri):
-            fs, storage_path = storage.filesystem(cfg.storage_uri)
-        else:
-            fs, storage_path = None, cfg.storage_uri
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=job,
-            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-            ),
-            run_config=ray.train.RunConfig(
-                name=cfg.name,
-                storage_path=storage_path,
-                storage_filesystem=fs,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                worker_runtime_env={"env_vars": worker_env(cfg)},
-            ),
-            datasets=datasets,
-        )
+        trainer = build_trainer(cfg, info, job, callbacks)
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:

@@ -64,8 +64,12 @@ class FindingsDecoder(nn.Module):
         return logits, attention
 
     @torch.no_grad()
-    def greedy(self, regions: Tensor, fused: Tensor, max_len: int) -> Tensor:
-        """Most likely word at each step: (B, max_len) ids."""
+    def greedy(self, regions: Tensor, fused: Tensor, max_len: int, early_exit: bool = True) -> Tensor:
+        """Most likely word at each step: (B, max_len) ids.
+
+        `early_exit=False` runs all max_len steps even when every row has ended: under ZeRO-3 each
+        step gathers parameters collectively, so all ranks must take the same number of steps.
+        """
         batch = fused.shape[0]
         state = self.initial_state(fused)
         tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=fused.device)
@@ -76,7 +80,7 @@ class FindingsDecoder(nn.Module):
             next_token = logits[:, -1].argmax(dim=-1).masked_fill(finished, PAD_ID)  # (B,)
             out[:, t] = next_token
             finished |= next_token == EOS_ID
-            if bool(finished.all()):
+            if early_exit and bool(finished.all()):
                 break
             tokens = next_token.unsqueeze(1)
         return out

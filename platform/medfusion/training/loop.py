@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from medfusion import storage
-from medfusion.config import TrainConfig, load_config
+from medfusion.config import ObjectiveConfig, TrainConfig, load_config
 from medfusion.training.engine import Engine, build_engine
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -159,17 +159,35 @@ def _train_epoch(engine: Engine, cfg: TrainConfig, job: dict[str, Any], epoch: i
     return metrics
 
 
+def _all_gather(value: Any) -> list[Any]:
+    """Every rank's `value` in rank order (just [value] on one worker)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+    return [value]
+
+
 @torch.no_grad()
-def _validate(engine: Engine, cfg: TrainConfig) -> dict[str, float]:
-    """Losses, accuracy and mean IoU on the val split, summed over every worker's shard."""
+def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: ObjectiveConfig) -> dict[str, float]:
+    """Losses, accuracy, macro AUROC, mean IoU, BLEU-4 of greedy findings and the objective on the
+    val split. Sums are all-reduced; AUROC and BLEU need the whole split, so every rank gathers the
+    (small) per-sample scores and texts and computes the same numbers."""
     import ray.train
 
+    from medfusion.metrics import classification_metrics, corpus_bleu, objective_value
     from medfusion.models import cxcywh_to_xyxy, paired_iou, to_tensors
 
     engine.train(False)
+    _, world = _world()
+    # ZeRO-3 gathers parameters collectively at every decoder step: all ranks decode max_len steps.
+    early_exit = not (cfg.strategy == "deepspeed" and cfg.zero_stage == 3 and world > 1)
+    decoder_dtype = next(engine.module.decoder.parameters()).dtype
     names = ("total", "cls", "box", "text")
     sums = np.zeros(len(names) + 4)  # loss parts..., samples, correct, iou sum, boxes
-    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.data.batch_size):
+    probs, labels, generated, references = [], [], [], []
+    shard = ray.train.get_dataset_shard("val")
+    for batch in shard.iter_batches(batch_size=cfg.data.batch_size):
         tensors = to_tensors(batch, engine.device)
         out = engine.forward(tensors)
         _, parts = engine.module.loss(tensors, out)
@@ -177,18 +195,36 @@ def _validate(engine: Engine, cfg: TrainConfig) -> dict[str, float]:
         sums[: len(names)] += [float(parts.get(n, torch.tensor(0.0))) * size for n in names]
         if engine.module.multi_label:
             correct = ((out["logits"] > 0) == (tensors["labels"] > 0.5)).all(dim=1)
+            probs.append(torch.sigmoid(out["logits"]).cpu().numpy())
         else:
             correct = out["logits"].argmax(dim=1) == tensors["labels"].argmax(dim=1)
+            probs.append(torch.softmax(out["logits"], dim=1).cpu().numpy())
+        labels.append(tensors["labels"].cpu().numpy())
         has_box = tensors["has_box"] > 0.5
         # Boxes clamped to the image as the predictor does, so val IoU matches evaluation's.
         pred_box = cxcywh_to_xyxy(out["box"][has_box]).clamp(0.0, 1.0)
         iou = paired_iou(pred_box, tensors["box"][has_box].float())[0] if has_box.any() else torch.zeros(0)
         sums[len(names) :] += [size, float(correct.sum()), float(iou.sum()), float(has_box.sum())]
+        ids = engine.module.decoder.greedy(
+            out["regions"].to(decoder_dtype), out["fused"].to(decoder_dtype), cfg.model.max_decode_len, early_exit=early_exit
+        )  # (B, max_len)
+        generated += [tokenizer.decode(row) for row in ids.cpu().numpy()]
+        references += [str(text) for text in batch["findings"]]
     totals = _all_reduce_sum(sums.tolist(), engine.device)
     n, correct, iou_sum, boxes = totals[len(names) :]
     metrics = {"val_loss" if name == "total" else f"val_{name}_loss": totals[i] / max(n, 1) for i, name in enumerate(names)}
     metrics["val_accuracy"] = correct / max(n, 1)
     metrics["val_mean_iou"] = iou_sum / boxes if boxes else float("nan")
+    ranks = _all_gather((probs, labels, generated, references))
+    all_probs = [p for rank in ranks for p in rank[0]]
+    if all_probs:
+        all_labels = np.concatenate([y for rank in ranks for y in rank[1]])
+        scores = classification_metrics(np.concatenate(all_probs), all_labels, engine.module.multi_label)
+        metrics["val_auroc_macro"] = scores["auroc_macro"]
+    else:
+        metrics["val_auroc_macro"] = float("nan")
+    metrics["val_bleu4"] = corpus_bleu([t for rank in ranks for t in rank[2]], [t for rank in ranks for t in rank[3]])
+    metrics["val_objective"] = objective_value(metrics, objective.weights, objective.classification_metric, prefix="val_")
     metrics["val_samples"] = n
     return metrics
 
@@ -237,13 +273,15 @@ def _report(engine: Engine, state: TrainingState, metrics: dict[str, float], ran
 
 def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function. `job`: train (TrainConfig as a dict), run_uri, lineage,
-    micro_batches_per_epoch, steps_per_epoch, and for benchmarks `bench` {warmup_steps, steps}."""
+    micro_batches_per_epoch, steps_per_epoch, optionally objective (ObjectiveConfig as a dict, the
+    weights of val_objective) and for benchmarks `bench` {warmup_steps, steps}."""
     import ray.train
 
     from medfusion.data.dataset import open_dataset
     from medfusion.models import build_model
 
     cfg = load_config(TrainConfig, base=job["train"])
+    objective = load_config(ObjectiveConfig, base=job.get("objective") or {})
     rank, world = _world()
     torch.set_num_threads(job.get("threads") or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
@@ -266,7 +304,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         metrics: dict[str, float] = {"epoch": epoch, **_train_epoch(engine, cfg, job, epoch)}
         if bench:
             return {**metrics, "global_step": engine.global_step, "world_size": world}
-        metrics.update(_validate(engine, cfg))
+        metrics.update(_validate(engine, cfg, info.tokenizer, objective))
         metrics.update(global_step=engine.global_step, lr=engine.lr, epoch_s=time.perf_counter() - started)
         if state.record(epoch, metrics[cfg.select_metric], mode, cfg.patience, cfg.epochs):
             _export_best(engine, cfg, job, metrics, rank)
@@ -276,7 +314,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             print(
                 f"[medfusion] epoch {epoch}: step {engine.global_step} train_loss {metrics['train_loss']:.4f} "
                 f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} "
-                f"val_mean_iou {metrics['val_mean_iou']:.4f} lr {metrics['lr']:.2e} "
+                f"val_mean_iou {metrics['val_mean_iou']:.4f} val_bleu4 {metrics['val_bleu4']:.4f} "
+                f"val_objective {metrics['val_objective']:.4f} lr {metrics['lr']:.2e} "
                 f"{metrics['samples_per_s']:.1f} samples/s data wait {100 * metrics['data_wait_share']:.1f}%",
                 flush=True,
             )
