@@ -23,7 +23,8 @@ COMMANDS = sorted(set(_commands(build_parser())))
 def test_the_expected_commands_exist():
     for cmd in [("store", "up"), ("store", "down"), ("store", "status"), ("data", "synth"), ("data", "ingest"),
                 ("data", "inspect"), ("bench", "ingest"), ("evaluate",), ("serve",), ("bench", "serve"), ("pipeline", "run"), ("pipeline", "compile"),
-                ("pipeline", "submit"), ("train",), ("bench", "train"), ("demo",)]:
+                ("pipeline", "submit"), ("train",), ("bench", "train"), ("demo",), ("models", "list"), ("models", "show"),
+                ("models", "register")]:
         assert cmd in COMMANDS
 
 

@@ -171,6 +171,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from medfusion.tune import load_tune_config, run_tune
+
+    given = {"dataset_uri": args.data, "search_space_file": args.search_space, "name": args.name,
+             "seeds": None if args.seeds is None else str(args.seeds)}  # fmt: skip
+    overrides = list(args.overrides) + [f"{key}={value}" for key, value in given.items() if value]
+    _use_local_store_env(args.store_root)  # --resume reads the sweep's saved config from the store
+    cfg = load_tune_config(args.config, overrides, preset=args.preset, resume=args.resume)
+    print(run_tune(cfg).summary())
+    return 0
+
+
+def _trial_settings_help() -> list[str]:
+    """`medfusion tune --help`: the train.* settings a sweep's trials share (TrainConfig's, minus tune's own)."""
+    from medfusion.tuning.space import NOT_TRAIN_SETTINGS, TRIAL_DEFAULTS
+
+    hidden = tuple(f"  train.{key}{end}" for key in NOT_TRAIN_SETTINGS for end in (" ", "."))
+    lines = []
+    for line in _fields_help(C.TrainConfig, "train."):
+        key = line.split(" = ", 1)[0].strip().removeprefix("train.")
+        if key in TRIAL_DEFAULTS:  # tune's own default for its trials
+            line = f"  train.{key} = {TRIAL_DEFAULTS[key]!r}" + line[line.index("\n"):]
+        if not line.startswith(hidden):
+            lines.append(line)
+    return lines
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from medfusion.bench.train import run_train_bench
 
@@ -182,6 +209,15 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     cfg = _load(C.TrainBenchConfig, args, base)
     _use_local_store_env(args.store_root)
     print(json.dumps(run_train_bench(cfg, store_root=args.store_root)))
+    return 0
+
+
+def cmd_bench_tune(args: argparse.Namespace) -> int:
+    from medfusion.bench.tune import run_tune_bench
+
+    cfg = _load(C.TuneBenchConfig, args)
+    _use_local_store_env(args.store_root)
+    print(json.dumps(run_tune_bench(cfg, store_root=args.store_root)))
     return 0
 
 
@@ -244,6 +280,31 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
         ssl_ca_cert=args.ssl_ca_cert, enable_caching=False if args.no_cache else None,
     )
     print(f"submitted run {submitted['run_id']}: {submitted['url']}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from medfusion import registry
+
+    _use_local_store_env(args.store_root)
+    print(registry.format_table(registry.list_versions(args.registry, args.name)))
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from medfusion import registry
+
+    _use_local_store_env(args.store_root)
+    print(registry.describe(registry.get_version(args.registry, args.ref)))
+    return 0
+
+
+def cmd_models_register(args: argparse.Namespace) -> int:
+    from medfusion import registry
+
+    _use_local_store_env(args.store_root)
+    registered = registry.register(args.export, args.registry, args.name, version=args.version, set_latest=not args.no_latest)
+    print(f"registered {registered.ref} at {registered.uri}{' (latest)' if registered.is_latest else ''}")
     return 0
 
 
@@ -314,10 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="dataset root (path or s3://); same as dataset_uri=")
     train.add_argument("--resume", help="a run folder (path or s3://) to continue from its newest checkpoint")
     train.set_defaults(func=cmd_train)
+    tune = _config_parser(groups, "tune", C.TuneConfig, "sweep hyperparameters and fusion strategies with Ray Tune (every trial a Ray Train + DeepSpeed run)")
+    tune.epilog += "\n\ntrial training settings (train.KEY=VALUE; also search-space keys):\n" + "\n".join(_trial_settings_help())
+    tune.add_argument("--data", help="dataset root (path or s3://); same as dataset_uri=")
+    tune.add_argument("--search-space", metavar="FILE", help="search-space YAML (path or s3://); same as search_space_file=")
+    tune.add_argument("--name", help="sweep name (its folder under storage_uri); same as name=")
+    tune.add_argument("--seeds", type=int, help="ablation seeds per variant (0 skips the ablation); same as seeds=")
+    tune.add_argument("--resume", action="store_true", help="continue the interrupted sweep <storage_uri>/<name> from its saved state")
+    tune.set_defaults(func=cmd_tune)
     btr = _config_parser(bench_sub, "train", C.TrainBenchConfig, "Ray Train + DeepSpeed vs a plain PyTorch loop (samples/s, memory)", presets=False)
     btr.add_argument("--device", choices=["cpu", "cuda"], help="same as device=")
     btr.add_argument("--zero", help="ZeRO stages to measure, e.g. 0,1,2,3; same as zero_stages=")
     btr.set_defaults(func=cmd_bench_train)
+    btu = _config_parser(bench_sub, "tune", C.TuneBenchConfig, "ASHA vs random vs grid search; Ray Tune vs a process pool (no-op trials)", presets=False)
+    btu.set_defaults(func=cmd_bench_tune)
 
     evaluate = _config_parser(
         groups, "evaluate", C.EvaluateConfig, "score an exported model on a dataset split: metrics.json, plots, report.html",
@@ -352,6 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     psubmit.add_argument("--ssl-ca-cert", default="", help="CA bundle of the endpoint's TLS certificate")
     psubmit.add_argument("--no-cache", action="store_true", help="disable KFP's step caching for this run")
     psubmit.set_defaults(func=cmd_pipeline_submit)
+
+    from medfusion.registry import DEFAULT_REGISTRY_URI, REGISTRY_ENV
+
+    models = groups.add_parser("models", help="the model registry: list, show and register model versions")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    registry_help = f"registry root, path or s3://... (default: ${REGISTRY_ENV} or {DEFAULT_REGISTRY_URI})"
+    mlist = models_sub.add_parser("list", help="registered versions, newest first (* marks latest)")
+    mlist.add_argument("--name", default="", help="only this model's versions")
+    mlist.set_defaults(func=cmd_models_list)
+    mshow = models_sub.add_parser("show", help="a version's model card and URIs")
+    mshow.add_argument("ref", metavar="NAME[:VERSION]", help="model reference (VERSION defaults to latest)")
+    mshow.set_defaults(func=cmd_models_show)
+    mregister = models_sub.add_parser("register", help="copy an export into the registry as an immutable version")
+    mregister.add_argument("export", metavar="EXPORT_URI", help="export folder (path or s3://...)")
+    mregister.add_argument("--name", required=True, help="model name")
+    mregister.add_argument("--version", default="", help="explicit version (default: sha-<content hash>)")
+    mregister.add_argument("--no-latest", action="store_true", help="do not point NAME:latest at this version")
+    mregister.set_defaults(func=cmd_models_register)
+    for p in models_sub.choices.values():
+        p.add_argument("--registry", default=os.environ.get(REGISTRY_ENV, DEFAULT_REGISTRY_URI), help=registry_help)
 
     from medfusion.demo import DemoConfig
 

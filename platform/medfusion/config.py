@@ -519,7 +519,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 SELECT_MODES = ("auto", "min", "max")
 # What validation reports each epoch (all-reduced over workers); select_metric is one of these.
-VAL_METRICS = ("val_loss", "val_cls_loss", "val_box_loss", "val_text_loss", "val_accuracy", "val_mean_iou")
+VAL_METRICS = (
+    "val_loss", "val_cls_loss", "val_box_loss", "val_text_loss", "val_accuracy", "val_auroc_macro", "val_mean_iou",
+    "val_bleu4", "val_objective",
+)  # fmt: skip
+# The objective (val_objective, a sweep's score): a weighted sum of the three task metrics, where the
+# classification term is accuracy or macro AUROC.
+OBJECTIVE_TERMS = ("classification", "mean_iou", "bleu4")
+CLASSIFICATION_METRICS = ("accuracy", "auroc")
 
 
 @dataclass
@@ -626,6 +633,136 @@ class TrainConfig:
         return "min" if self.select_metric.endswith("loss") else "max"
 
 
+# --------------------------------------------------------------------------------------------
+# Tuning
+# --------------------------------------------------------------------------------------------
+
+SEARCH_ALGORITHMS = ("optuna", "random", "grid")
+TUNE_SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class ObjectiveConfig:
+    """val_objective = classification x val_<classification_metric> + mean_iou x val_mean_iou + bleu4 x
+    val_bleu4 (an undefined metric, e.g. IoU on a split without lesions, counts 0)."""
+
+    classification: float = 1.0
+    """Weight of the classification metric."""
+    mean_iou: float = 1.0
+    """Weight of the mean IoU of the predicted lesion boxes."""
+    bleu4: float = 1.0
+    """Weight of the corpus BLEU-4 of the generated findings (greedy decoding)."""
+    classification_metric: str = "accuracy"
+    """The classification metric: accuracy or auroc (macro one-vs-rest)."""
+
+    def __post_init__(self) -> None:
+        for term in OBJECTIVE_TERMS:
+            weight = getattr(self, term)
+            _check(weight >= 0, f"objective.{term}", f"must be >= 0, got {weight}")
+        _check(any(getattr(self, t) > 0 for t in OBJECTIVE_TERMS), "objective", "needs at least one weight > 0")
+        _check(
+            self.classification_metric in CLASSIFICATION_METRICS,
+            "objective.classification_metric",
+            f"must be one of {', '.join(CLASSIFICATION_METRICS)}, got {self.classification_metric!r}",
+        )
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Term -> weight."""
+        return {term: float(getattr(self, term)) for term in OBJECTIVE_TERMS}
+
+
+@dataclass
+class TuneConfig:
+    """The tune stage: a Ray Tune sweep in which every trial is a Ray Train + DeepSpeed run."""
+
+    dataset_uri: str = ""
+    """Dataset root (local path or s3://) holding manifest.json, as written by `medfusion data`."""
+    storage_uri: str = "s3://medfusion/sweeps"
+    """Where sweeps are stored (local folder or s3://); a sweep's folder is <storage_uri>/<name>."""
+    name: str = ""
+    """Sweep name (its folder under storage_uri); empty makes tune-<UTC time>-<random>."""
+    resume: bool = False
+    """Continue the interrupted sweep <storage_uri>/<name>: finished trials are kept, unfinished and
+    errored ones run again (from their newest checkpoint)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture of every trial (the preset fills it; search_space varies it)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input pipeline of every trial; data.batch_size is the batch per worker."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig settings shared by every trial (any `medfusion train` setting but dataset_uri,
+    storage_uri, name, resume, ray_address, model and data), e.g. {epochs: 4, num_workers: 1,
+    cpus_per_worker: 1}. train.epochs is the most epochs a trial runs. Tune's own defaults:
+    evaluate=false, patience=0 (ASHA stops trials), select_metric=val_objective, keep_checkpoints=1."""
+    search_space: dict[str, Any] = field(default_factory=dict)
+    """What the sweep varies, one dotted setting each: {model.fusion: {choice: [concat, gated]},
+    train.lr: {loguniform: [1.0e-4, 3.0e-3]}, model.dropout: {uniform: [0.0, 0.3]},
+    model.hidden_dim: {randint: [32, 128]}, zero_stage: [1, 2]} (a list is a choice; keys are
+    model.*, data.* or train.* settings, train. may be left out). Merged over search_space_file."""
+    search_space_file: str = ""
+    """A YAML file (path or s3://) holding a search space, or the name of one shipped in
+    medfusion/configs/search_spaces (tiny: every fusion strategy, lr, ZeRO stage, sizes, dropout, loss weights)."""
+    search: str = "optuna"
+    """How trial configs are picked: optuna (model-based TPE, through Ray Tune's OptunaSearch; random
+    search when optuna is not installed), random, or grid (every combination of the choices)."""
+    search_seed: int = 0
+    """Seed of the search algorithm (optuna's sampler, random sampling)."""
+    scheduler: str = "asha"
+    """asha (stop a trial whose objective trails the others' at a rung: epochs grace_period x
+    reduction_factor^k before the last) or fifo (every trial runs all its epochs)."""
+    num_samples: int = 0
+    """Trials to run (optuna, random), or repetitions of the grid (grid); 0: 8, or the grid once."""
+    max_concurrent_trials: int = 1
+    """Trials running at once; 0: as many as the cluster's CPUs and GPUs hold (each trial needs
+    trial_cpus + train.num_workers x train.cpus_per_worker CPUs, and its GPUs)."""
+    trial_cpus: float = 0.0
+    """CPUs reserved for each trial's driver (the Tune function that runs the TorchTrainer); it mostly
+    waits, so 0 lets the Train workers and Ray Data have the cores."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it may be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: at each rung only the best 1/reduction_factor of the trials continue."""
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig())
+    """The score trials are ranked by (maximized), and the metrics of the Pareto front."""
+    max_failures: int = 1
+    """Retries of a failed trial (Tune FailureConfig; a retry continues from the trial's newest
+    checkpoint); a trial that still fails is recorded as errored and the sweep goes on."""
+    seeds: int = 3
+    """Ablation: train the best configuration of the fused strategies, of image_only and of text_only
+    (their own best trials; the fused configuration with the fusion swapped when the sweep has none)
+    with this many seeds each and compare them on the test split (mean +- 95% CI); 0 skips it."""
+    ablation_epochs: int = 0
+    """Epochs of each ablation run; 0: train.epochs."""
+    register: bool = True
+    """Register the best trial's export in the model registry at registry_uri."""
+    registry_uri: str = "s3://medfusion/registry"
+    """Model registry root (local path or s3://)."""
+    model_name: str = "medfusion"
+    """Name the best model is registered under."""
+    interrupt_after_trials: int = 0
+    """Testing: interrupt the sweep (as Ctrl-C does) once this many trials have finished; 0 never."""
+
+    def __post_init__(self) -> None:
+        _check("/" not in self.name and self.name not in (".", ".."), "name", f"must be a single folder name, got {self.name!r}")
+        _check(not self.resume or bool(self.name), "name", "is required with resume=true (the sweep to continue)")
+        _check(self.search in SEARCH_ALGORITHMS, "search", f"must be one of {', '.join(SEARCH_ALGORITHMS)}, got {self.search!r}")
+        _check(self.scheduler in TUNE_SCHEDULERS, "scheduler", f"must be one of {', '.join(TUNE_SCHEDULERS)}, got {self.scheduler!r}")
+        _check(self.num_samples >= 0, "num_samples", f"must be >= 0 (0 = default), got {self.num_samples}")
+        _check(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0 (0 = as resources allow), got {self.max_concurrent_trials}")
+        _check(self.trial_cpus >= 0, "trial_cpus", f"must be >= 0, got {self.trial_cpus}")
+        _check(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
+        _check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.seeds == 0 or self.seeds >= 2, "seeds", f"must be 0 (no ablation) or >= 2 (for a confidence interval), got {self.seeds}")
+        _check(self.ablation_epochs >= 0, "ablation_epochs", f"must be >= 0 (0 = train.epochs), got {self.ablation_epochs}")
+        _check(not self.register or bool(self.registry_uri), "registry_uri", "is required with register=true")
+        _check(not self.register or bool(self.model_name), "model_name", "is required with register=true")
+        _check(self.interrupt_after_trials >= 0, "interrupt_after_trials", "must be >= 0 (0 = never)")
+        from medfusion.tuning.space import check_tune_config
+
+        check_tune_config(self)  # the trial settings and the inline search space (the file is read by run_tune)
+
+
 @dataclass
 class TrainBenchConfig:
     """`medfusion bench train`: Ray Train + DeepSpeed vs a plain PyTorch loop on the same model and data."""
@@ -661,6 +798,53 @@ class TrainBenchConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+
+
+@dataclass
+class TuneBenchConfig:
+    """`medfusion bench tune`: ASHA vs random search vs the full grid, and Tune's scheduling overhead."""
+
+    parts: list[str] = field(default_factory=lambda: ["search", "overhead"])
+    """What to measure: search (grid, ASHA, random on the tiny setup) and/or overhead (no-op trials)."""
+    samples: int = 400
+    """Synthetic images of the benchmark dataset (tiny preset, 64 px)."""
+    epochs: int = 9
+    """Most epochs a trial runs (ASHA's max_t; with reduction_factor 3 its rungs are at 1, 3 and 9)."""
+    steps_per_epoch: int = 6
+    """Optimizer steps per epoch of every trial (train.max_steps_per_epoch)."""
+    search_space: dict[str, Any] = field(
+        default_factory=lambda: {"model.fusion": ["concat", "gated", "cross_attention", "image_only", "text_only"],
+                                 "train.lr": [3.0e-4, 3.0e-3]}
+    )  # fmt: skip
+    """The grid (choices only): every combination is one trial of the grid sweep."""
+    reduction_factor: float = 3.0
+    """ASHA: the best 1/reduction_factor of the trials at a rung go on."""
+    tolerance: float = 0.01
+    """"Within 1% of the grid's best": objective >= (1 - tolerance) x the grid's best."""
+    seed: int = 0
+    """Seed of random search's sampler."""
+    overhead_trials: int = 16
+    """No-op trials of the overhead measurement."""
+    trial_seconds: float = 5.0
+    """How long each no-op trial sleeps: the shortest trial worth scheduling (a tiny training trial
+    takes 20 s or more); the per-trial overhead in ms is printed too, for any other trial length."""
+    iterations: int = 4
+    """Reports per no-op trial."""
+    data_uri: str = ""
+    """Dataset root for the benchmark shards (default: s3://medfusion/bench/tune on the local store)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.parts) and set(self.parts) <= {"search", "overhead"}, "parts", f"must be a list of search and/or overhead, got {self.parts}")
+        _check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
+        _check(self.epochs >= 2, "epochs", f"must be >= 2 (ASHA needs a rung to stop at), got {self.epochs}")
+        _check(self.steps_per_epoch >= 1, "steps_per_epoch", f"must be >= 1, got {self.steps_per_epoch}")
+        _check(bool(self.search_space) and all(isinstance(v, list) and v for v in self.search_space.values()),
+               "search_space", "must map each key to a non-empty list of choices (a grid)")  # fmt: skip
+        _check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        _check(0 <= self.tolerance < 1, "tolerance", f"must be in [0, 1), got {self.tolerance}")
+        _check(self.overhead_trials >= 1, "overhead_trials", f"must be >= 1, got {self.overhead_trials}")
+        _check(self.trial_seconds > 0, "trial_seconds", f"must be > 0, got {self.trial_seconds}")
+        _check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,6 +898,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = yaml.safe_load(value)  # a YAML flow mapping from the CLI: key={a: 1, b: [x, y]}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{name}: not a YAML mapping: {value!r} ({err})") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -235,4 +235,92 @@ def plot_note_attention(
                 bbox={"facecolor": cmap(shade), "edgecolor": "none", "pad": 1.0},
             )
         y += lines + 2
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps (medfusion.tune)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fusion_colors(fusions: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return {name: palette(i % 10) for i, name in enumerate(sorted(set(fusions)))}
+
+
+def _value(record: Mapping[str, Any], key: str) -> float:
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else 0.0
+
+
+def plot_pareto(
+    records: Sequence[Mapping[str, Any]], metrics: Sequence[str], front: Sequence[str], path: str, best: str = ""
+) -> str:
+    """Each pair of the task metrics as a scatter of the trials, coloured by fusion; trials on the
+    Pareto front ringed and joined, the best trial (objective) starred."""
+    pairs = [(metrics[i], metrics[j]) for i in range(len(metrics)) for j in range(i + 1, len(metrics))]
+    colors = _fusion_colors([r["fusion"] for r in records])
+    fig = _figure(5.0 * len(pairs), 4.4)
+    fig.subplots_adjust(wspace=0.35)
+    for n, (x_key, y_key) in enumerate(pairs):
+        ax = fig.add_subplot(1, len(pairs), n + 1)
+        for fusion, color in colors.items():
+            group = [r for r in records if r["fusion"] == fusion]
+            ax.scatter([_value(r, x_key) for r in group], [_value(r, y_key) for r in group], color=color, label=fusion, s=36, alpha=0.85)
+        on_front = sorted((r for r in records if r["trial_id"] in front), key=lambda r: _value(r, x_key))
+        ax.scatter([_value(r, x_key) for r in on_front], [_value(r, y_key) for r in on_front], s=140,
+                   facecolors="none", edgecolors="black", linewidths=1.2, label="Pareto front")  # fmt: skip
+        for r in records:
+            if r["trial_id"] == best:
+                ax.scatter([_value(r, x_key)], [_value(r, y_key)], marker="*", s=260, color="gold", edgecolors="black", zorder=5, label="best objective")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(y_key)
+        ax.grid(alpha=0.3)
+        if n == 0:
+            ax.legend(fontsize="small")
+    fig.suptitle("Trials over the task metrics (validation); ringed: Pareto front")
+    return _save(fig, path)
+
+
+def plot_fusion_boxplots(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: str) -> str:
+    """One panel per metric: a box per fusion strategy over its trials, every trial drawn as a dot."""
+    fusions = sorted({r["fusion"] for r in records})
+    colors = _fusion_colors(fusions)
+    fig = _figure(max(3.4 * len(metrics), 6.0), 4.4)
+    fig.subplots_adjust(wspace=0.4)
+    for n, key in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), n + 1)
+        data = [[_value(r, key) for r in records if r["fusion"] == fusion] for fusion in fusions]
+        ax.boxplot(data, showfliers=False)
+        for i, (fusion, values) in enumerate(zip(fusions, data), start=1):
+            jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(len(values))
+            ax.scatter(i + jitter, values, color=colors[fusion], s=22, zorder=3)
+        ax.set_xticks(range(1, len(fusions) + 1), fusions, rotation=35, ha="right")
+        ax.set_title(key)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Per fusion strategy (validation, best epoch of each trial)")
+    return _save(fig, path)
+
+
+def plot_ablation(variants: Mapping[str, Mapping[str, Any]], metrics: Sequence[str], path: str) -> str:
+    """Grouped bars: mean of each metric per fusion variant with its 95% confidence interval."""
+    names = list(variants)
+    colors = _fusion_colors(names)
+    fig = _figure(max(2.2 * len(metrics) * len(names) / 2, 6.0), 4.4)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        stats = variants[name]["summary"]
+        means = [stats[m]["mean"] if stats[m]["mean"] is not None else 0.0 for m in metrics]
+        errors = [[0.0 if not stats[m]["ci"] else means[k] - stats[m]["ci"][0] for k, m in enumerate(metrics)],
+                  [0.0 if not stats[m]["ci"] else stats[m]["ci"][1] - means[k] for k, m in enumerate(metrics)]]  # fmt: skip
+        positions = np.arange(len(metrics)) + (i - (len(names) - 1) / 2) * width
+        ax.bar(positions, means, width, yerr=errors, capsize=4, color=colors[name], label=name)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_ylabel("test split (mean, 95% CI)")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Ablation: fused vs image only vs text only")
     return _save(fig, path)

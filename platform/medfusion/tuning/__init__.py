@@ -1,0 +1,1 @@
+"""Pieces of the tune stage (medfusion.tune): search spaces, and what a finished sweep reports."""

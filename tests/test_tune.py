@@ -1,0 +1,316 @@
+"""The tune stage: search spaces checked before Ray starts, and real sweeps on the local Ray and S3.
+
+The sweeps run `medfusion tune` in a subprocess: tune starts its own embedded Ray *with the
+dashboard* (Ray Train frees a stopped trial's workers through the State API), while the test
+session's shared Ray (`ray_local`) runs without one. The main sweep is interrupted after two trials
+(interrupt_after_trials, the way Ctrl-C interrupts it) and resumed with --resume; it then runs the
+ablation over three seeds and registers the best model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from medfusion import storage
+from medfusion.config import ConfigError, DataConfig, PrepareConfig, SynthConfig, TuneConfig, load_config, preset_values
+from medfusion.tuning import results as R
+from medfusion.tuning.space import packaged_search_spaces, parse_search_space, read_search_space, trial_values
+
+SAMPLES, IMAGE = 240, 32
+# One trial at a time, one worker with one CPU (the other of the 2 CPUs reads and preprocesses);
+# 6 optimizer steps of 16 samples per epoch.
+TRIAL = ["data.image_size=32", "data.batch_size=16", "train.num_workers=1", "train.cpus_per_worker=1",
+         "train.max_steps_per_epoch=6", "train.warmup_steps=1", "train.shuffle_buffer=0", "max_concurrent_trials=1"]  # fmt: skip
+
+
+def _tiny(**values):
+    base = {"model": preset_values("tiny", "model"), "data": preset_values("tiny", "data"), "dataset_uri": "/nowhere"}
+    return load_config(TuneConfig, base={**base, **values})
+
+
+# ---------------------------------------------------------------------------------------------- unit
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"model.fusoin": ["concat"]}, "search_space.model.fusoin: unknown setting; did you mean model.fusion?"),
+        ({"dropout": {"uniform": [0.0, 0.3]}}, "search_space.dropout: unknown setting; did you mean model.dropout?"),
+        ({"train.lr": {"loguniform": [0.0, 1.0e-3]}}, "search_space.lr: loguniform needs low > 0"),
+        ({"train.lr": {"uniform": [3.0e-3, 1.0e-4]}}, "search_space.lr: uniform needs low < high"),
+        ({"model.fusion": {"choice": []}}, "search_space.model.fusion: choice needs a non-empty list"),
+        ({"model.fusion": ["concat", "sum"]}, "search_space.model.fusion: 'sum' does not make a valid trial config (model.fusion: must be one of"),
+        ({"zero_stage": [0, 5]}, "search_space.zero_stage: 5 does not make a valid trial config (zero_stage: must be 0, 1, 2 or 3"),
+        ({"model.hidden_dim": {"uniform": [32, 128]}}, "search_space.model.hidden_dim: uniform draws real numbers but model.hidden_dim is an integer setting"),
+        ({"model.hidden_dim": {"randint": [32.5, 128]}}, "search_space.model.hidden_dim: randint bounds must be integers"),
+        ({"train.lr": {"normal": [0, 1]}}, "search_space.lr: unknown domain 'normal'"),
+        ({"epochs": [1, 2]}, "search_space.epochs: cannot be searched"),
+        ({"model.hidden_dim": [30, 64], "model.fusion": ["gated", "cross_attention"]},
+         "search_space: the combination model.hidden_dim=30, model.fusion='cross_attention' does not make a valid trial config"),
+    ],
+)
+def test_search_space_errors_name_the_key(space, message):
+    with pytest.raises(ConfigError) as err:
+        _tiny(search_space=space)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"search": "grid", "search_space": {"train.lr": {"loguniform": [1.0e-4, 1.0e-3]}}}, "search_space.lr: grid search takes only choices"),
+        ({"train": {"epoch": 3}}, "train.epoch: unknown training setting; did you mean epochs?"),
+        ({"train": {"model": {}}}, "train.model: not a trial setting"),
+        ({"train": {"zero_stage": 4}}, "train.zero_stage: must be 0, 1, 2 or 3"),
+        ({"train": {"epochs": 2}, "grace_period": 3}, "grace_period: must be <= train.epochs (2)"),
+        ({"objective": {"bleu4": -1}}, "objective.bleu4: must be >= 0"),
+        ({"objective": {"classification_metric": "f1"}}, "objective.classification_metric: must be one of accuracy, auroc"),
+        ({"seeds": 1}, "seeds: must be 0 (no ablation) or >= 2"),
+        ({"resume": True}, "name: is required with resume=true"),
+    ],
+)
+def test_tune_config_errors_name_the_field(values, message):
+    with pytest.raises(ConfigError) as err:
+        _tiny(**values)
+    assert message in str(err.value)
+
+
+def test_bad_search_space_file_fails_before_ray_starts(tmp_path, monkeypatch):
+    import medfusion.tune as tune
+
+    monkeypatch.setattr(tune, "start_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    space = tmp_path / "space.yaml"
+    space.write_text("model.fusion: [concat, gated]\ntrain.zero_stage: {choice: [2, 5]}\n")
+    cfg = _tiny(search_space_file=str(space), storage_uri=str(tmp_path / "sweeps"), name="bad")
+    with pytest.raises(ConfigError, match=r"search_space.zero_stage: 5 does not make a valid trial config"):
+        tune.run_tune(cfg)
+    assert not (tmp_path / "sweeps").exists(), "the sweep folder was written before the search space was checked"
+
+
+def test_cli_overrides_build_the_search_space_and_trial_settings():
+    cfg = load_config(TuneConfig, overrides=["search_space.model.fusion=[concat, gated]", "search_space.train.lr={loguniform: [1.0e-4, 1.0e-3]}",
+                                              "train.epochs=4", "objective.bleu4=0.5", "search=random"])  # fmt: skip
+    dims = parse_search_space(read_search_space(cfg), trial_values(cfg))
+    assert [(d.key, d.domain, d.values) for d in dims] == [("model.fusion", "choice", ("concat", "gated")), ("lr", "loguniform", (1e-4, 1e-3))]
+    assert cfg.train == {"epochs": 4} and cfg.objective.weights == {"classification": 1.0, "mean_iou": 1.0, "bleu4": 0.5}
+
+
+@pytest.mark.parametrize("name", packaged_search_spaces())
+def test_every_shipped_search_space_is_valid(name):
+    cfg = _tiny(search_space_file=name)
+    dims = parse_search_space(read_search_space(cfg), trial_values(cfg))
+    fusion = next(d for d in dims if d.key == "model.fusion")
+    assert {"image_only", "text_only"} <= set(fusion.values)
+
+
+def test_pareto_front_and_ranking():
+    def rec(trial_id, status, acc, iou, bleu):
+        return {"trial_id": trial_id, "status": status, "val_accuracy": acc, "val_mean_iou": iou, "val_bleu4": bleu,
+                "objective": None if acc is None else acc + iou + bleu}  # fmt: skip
+
+    records = [
+        rec("a", R.FINISHED, 0.9, 0.1, 0.0),  # best classifier
+        rec("b", R.STOPPED, 0.5, 0.5, 0.1),  # best objective
+        rec("c", R.FINISHED, 0.4, 0.4, 0.05),  # dominated by b
+        rec("d", R.FINISHED, 0.2, 0.2, 0.3),  # best text
+        rec("e", R.ERRORED, None, None, None),
+    ]
+    assert R.pareto_front(records, ["val_accuracy", "val_mean_iou", "val_bleu4"]) == ["a", "b", "d"]
+    assert [r["trial_id"] for r in R.rank(records)] == ["b", "a", "c", "d", "e"]
+
+
+def test_mean_and_student_t_interval():
+    stat = R.mean_ci([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / np.sqrt(3)  # t(0.975, 2 dof) x std 1 / sqrt(3)
+    assert stat["mean"] == pytest.approx(2.0) and stat["ci"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert R.mean_ci([0.5, float("nan")]) == {"n": 1, "mean": 0.5, "std": None, "ci": None}
+
+
+def test_objective_and_val_bleu_match_evaluation():
+    from medfusion.metrics import corpus_bleu, objective_value, text_metrics
+
+    generated = ["small nodule in the left upper zone.", "no acute findings"]
+    references = ["small nodule in the left upper zone.", "no acute cardiopulmonary findings"]
+    assert corpus_bleu(generated, references) == pytest.approx(text_metrics(generated, references)["bleu4"])
+    weights = {"classification": 1.0, "mean_iou": 2.0, "bleu4": 0.0}
+    assert objective_value({"val_auroc_macro": 0.8, "val_mean_iou": 0.25, "val_bleu4": 0.3}, weights, "auroc", prefix="val_") == pytest.approx(1.3)
+    assert objective_value({"accuracy": 0.5, "mean_iou": float("nan")}, weights) == pytest.approx(0.5)  # undefined counts 0
+
+
+def test_every_tune_setting_is_documented():
+    from medfusion.config import ObjectiveConfig, field_docs
+
+    for cls in (TuneConfig, ObjectiveConfig):
+        docs = field_docs(cls)
+        assert not [f for f in cls.__dataclass_fields__ if not docs.get(f)], cls.__name__
+
+
+def test_the_pipeline_builds_the_tune_config_from_the_component_values():
+    from medfusion.orchestration import build_config
+
+    cfg = build_config("tune", {"preset": "tiny", "dataset_uri": "s3://b/d", "storage_uri": "s3://b/sweeps",
+                                "search_space": {"model.fusion": ["concat", "gated"], "lr": [1e-3, 3e-4]},
+                                "train": {"epochs": 3}})  # fmt: skip
+    assert (cfg.model.preset, cfg.model.hidden_dim, cfg.train["epochs"]) == ("tiny", 64, 3)
+    with pytest.raises(ConfigError, match="search_space.model.fusion: 'sum'"):
+        build_config("tune", {"preset": "tiny", "dataset_uri": "d", "search_space": {"model.fusion": ["sum"]}})
+
+
+# ---------------------------------------------------------------------------------------------- integration
+
+
+@pytest.fixture(scope="module")
+def dataset(s3_store):
+    from medfusion.data.prepare import run_prepare
+
+    uri = f"s3://{s3_store.state().bucket}/tune-tests/data"
+    run_prepare(PrepareConfig(source="synthetic", output_uri=uri, overwrite=True, synth=SynthConfig(num_samples=SAMPLES, image_size=IMAGE)))
+    return uri
+
+
+@pytest.fixture(scope="module")
+def roots(s3_store):
+    bucket = s3_store.state().bucket
+    return {"storage_uri": f"s3://{bucket}/tune-tests/sweeps", "registry_uri": f"s3://{bucket}/tune-tests/registry"}
+
+
+def _tune(*args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
+    """`medfusion tune ARGS` in a subprocess (its own embedded Ray with the dashboard)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "medfusion.cli", "tune", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    elapsed = time.perf_counter() - started
+    print(f"$ medfusion tune {' '.join(args)}  ({elapsed:.0f} s, exit {proc.returncode})")
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc, elapsed
+
+
+def _attempts(run_uri: str) -> int:
+    return len(storage.list_files(storage.join(run_uri, "attempts")))
+
+
+@pytest.fixture(scope="module")
+def sweep(dataset, roots):
+    """Grid over fusion x lr (4 trials of up to 2 epochs; ASHA's rung after epoch 1 stops a trial whose
+    objective trails), interrupted after 2 trials, then resumed; ablation over 3 seeds (1 epoch
+    each); the best model registered. The objective weighs IoU and BLEU only: six steps teach a
+    classifier little, and a diverged one (lr=1.0) that predicts the majority class can score as
+    well, but its boxes are worthless (IoU 0), so the lr=1.0 trials are the ones ASHA stops."""
+    args = [
+        "--preset", "tiny", "--data", dataset, "--name", "main", "--seeds", "3", f"storage_uri={roots['storage_uri']}",
+        f"registry_uri={roots['registry_uri']}", "model_name=tuned", *TRIAL, "train.epochs=2", "search=grid",
+        "search_space.model.fusion=[concat, image_only]", "search_space.train.lr=[3.0e-3, 1.0]",
+        "ablation_epochs=1", "max_failures=1", "objective.classification=0",
+    ]  # fmt: skip
+    first, first_s = _tune(*args, "interrupt_after_trials=2")
+    sweep_uri = storage.join(roots["storage_uri"], "main")
+    interrupted = json.loads(storage.read_text(storage.join(sweep_uri, "leaderboard.json")))
+    before = {t["trial_id"]: {**t, "attempts": _attempts(t["run_uri"])} for t in interrupted["trials"] if t["status"] in R.SUCCESSFUL}
+    second, second_s = _tune("--resume", "--name", "main", f"storage_uri={roots['storage_uri']}", "interrupt_after_trials=0")
+    print(f"interrupted run {first_s:.0f} s, resumed run {second_s:.0f} s")
+    return {"first": first, "second": second, "interrupted": interrupted, "before": before, "sweep_uri": sweep_uri,
+            "leaderboard": json.loads(storage.read_text(storage.join(sweep_uri, "leaderboard.json"))) if second.returncode == 0 else None,
+            "result": json.loads(storage.read_text(storage.join(sweep_uri, "result.json"))) if second.returncode == 0 else None}  # fmt: skip
+
+
+@pytest.mark.integration
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
+    first, second = sweep["first"], sweep["second"]
+    assert first.returncode == 2 and "interrupted" in first.stderr and "--resume" in first.stderr, first.stderr[-2000:]
+    assert sweep["interrupted"]["interrupted"] is True
+    assert len(sweep["before"]) == 2, f"expected 2 trials done before the interruption: {sweep['interrupted']['trials']}"
+    assert second.returncode == 0, second.stderr[-3000:]
+    final = {t["trial_id"]: t for t in sweep["leaderboard"]["trials"]}
+    assert len(final) == 4 and sweep["leaderboard"]["interrupted"] is False
+    for trial_id, before in sweep["before"].items():
+        after = final[trial_id]
+        assert after["attempts"] == before["attempts"] == 1, f"trial {trial_id} was run again after --resume"
+        for key in ("status", "objective", "epochs_run", "val_accuracy", "val_mean_iou", "val_bleu4", "checkpoint_uri"):
+            assert after[key] == before[key], f"{trial_id}.{key} changed on resume"
+    assert all(t["attempts"] == 1 for t in final.values())
+
+
+@pytest.mark.integration
+def test_asha_stops_a_trial_and_the_results_are_written(sweep):
+    assert sweep["second"].returncode == 0, sweep["second"].stderr[-3000:]
+    board, result = sweep["leaderboard"], sweep["result"]
+    trials = board["trials"]
+    assert {t["fusion"] for t in trials} == {"concat", "image_only"}
+    assert any(t["stopped_early"] and t["epochs_run"] == 1 for t in trials), [(t["trial_id"], t["epochs_run"]) for t in trials]
+    assert any(t["status"] == R.FINISHED and t["epochs_run"] == 2 for t in trials)
+    objectives = [t["objective"] for t in trials]
+    assert objectives == sorted(objectives, reverse=True) and board["best"] == trials[0]["trial_id"] == result["best_trial_id"]
+    assert set(board["pareto"]) <= {t["trial_id"] for t in trials} and trials[0]["trial_id"] in board["pareto"]
+    best = trials[0]
+    assert set(best["params"]) == {"model.fusion", "lr"} and 0.0 <= best["val_bleu4"] <= 1.0 and best["val_auroc_macro"] is not None
+    assert storage.exists(storage.join(best["model_uri"], "model.safetensors")) and best["checkpoint_uri"].startswith("s3://")
+    for name in ("pareto.png", "fusion_boxplots.png", "ablation.png"):
+        assert storage.read_bytes(storage.join(sweep["sweep_uri"], name))[:8] == b"\x89PNG\r\n\x1a\n", name
+    out = sweep["second"].stdout
+    assert "objective" in out and "early" in out and best["trial_id"] in out  # the printed leaderboard
+    assert result["trials"] == 4 and result["trials_stopped_early"] >= 1 and result["model_uri"] == best["model_uri"]
+
+
+@pytest.mark.integration
+def test_ablation_compares_fused_image_only_and_text_only_over_three_seeds(sweep):
+    assert sweep["second"].returncode == 0, sweep["second"].stderr[-3000:]
+    ablation = json.loads(storage.read_text(storage.join(sweep["sweep_uri"], "ablation.json")))
+    assert ablation["split"] == "test" and ablation["seeds"] == 3
+    assert [v["fusion"] for v in ablation["variants"].values()] == ["concat", "image_only", "text_only"]
+    for name, variant in ablation["variants"].items():
+        assert variant["runs_ok"] == 3, name
+        for metric in ("accuracy", "mean_iou", "bleu4", "objective"):
+            stat = variant["summary"][metric]
+            low, high = stat["ci"]
+            assert stat["n"] == 3 and low <= stat["mean"] <= high, (name, metric, stat)
+    variants = ablation["variants"]
+    assert variants["fused"]["from"] == ablation["trial_id"] and variants["fused"]["config"]["lr"] == pytest.approx(3e-3)
+    assert variants["image_only"]["from"] != ablation["trial_id"]  # image_only's own best trial
+    assert variants["text_only"]["config"] == {**variants["fused"]["config"], "model.fusion": "text_only"}  # none in the sweep
+    assert "± " in sweep["second"].stdout  # the printed ablation table
+
+
+@pytest.mark.integration
+def test_best_model_is_registered_and_predicts(sweep, roots, dataset):
+    from medfusion import registry
+    from medfusion.data.dataset import iter_local_batches, open_dataset
+    from medfusion.predictor import Predictor
+
+    assert sweep["second"].returncode == 0, sweep["second"].stderr[-3000:]
+    name, _, version = sweep["result"]["registered"].partition(":")
+    mv = registry.get_version(roots["registry_uri"], f"{name}:{version}")
+    assert (mv.name, mv.lineage["trial_id"], mv.lineage["sweep_uri"]) == ("tuned", sweep["result"]["best_trial_id"], sweep["sweep_uri"])
+    assert mv.lineage["checkpoint_uri"] and mv.lineage["objective"] == pytest.approx(sweep["result"]["objective"])
+    low, high = mv.metrics_ci["test_accuracy"]
+    assert low <= mv.metrics["test_accuracy"] <= high
+    predictor = Predictor.from_export(registry.resolve_model_uri(roots["registry_uri"], "tuned"))
+    info = open_dataset(dataset)
+    batch = next(iter_local_batches(info, "test", DataConfig(**predictor.export.data), limit=4))
+    out = predictor.predict_batch(batch)
+    assert out["probs"].shape == (4, len(info.classes)) and len(out["generated"]) == 4
+
+
+@pytest.mark.integration
+def test_a_failing_trial_is_retried_then_recorded_and_the_others_kept(dataset, roots):
+    # grad_accum=1000 passes every config check but needs more rows than the dataset has: the trial
+    # fails when it starts (each time: max_failures=1 retries it once), the other trial trains.
+    proc, _ = _tune(
+        "--preset", "tiny", "--data", dataset, "--name", "failing", "--seeds", "0", f"storage_uri={roots['storage_uri']}",
+        *TRIAL, "train.epochs=1", "search=grid", "search_space.grad_accum=[1, 1000]", "register=false", "max_failures=1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    board = json.loads(storage.read_text(storage.join(roots["storage_uri"], "failing", "leaderboard.json")))
+    good, bad = board["trials"]
+    assert (good["params"], good["status"], good["rank"]) == ({"grad_accum": 1}, R.FINISHED, 1) and good["objective"] is not None
+    assert bad["params"] == {"grad_accum": 1000} and bad["status"] == R.ERRORED and bad["objective"] is None
+    assert "grad_accum" in bad["error"] and bad["attempts"] == 2, bad
+    assert board["best"] == good["trial_id"] and storage.exists(storage.join(good["run_uri"], "metrics.json"))
