@@ -54,7 +54,9 @@ def _settings(cfg: TrainBenchConfig) -> tuple[str, ModelConfig, DataConfig]:
     return preset, ModelConfig(**preset_values(preset, "model")), DataConfig(**data_values)
 
 
-def _make_dataset(uri: str, samples: int, image_size: int) -> None:
+def _make_dataset(uri: str, samples: int, image_size: int, val: float = 0.0) -> None:
+    """A synthetic dataset at `uri`: everything in train (the split that is streamed), or `val` of it
+    held out for validation (what a sweep ranks trials on)."""
     from medfusion.data.prepare import run_prepare
 
     run_prepare(
@@ -64,7 +66,7 @@ def _make_dataset(uri: str, samples: int, image_size: int) -> None:
             overwrite=True,
             shard_size_mb=4.0,  # several shards, so Ray Data reads in parallel
             synth=SynthConfig(num_samples=samples, image_size=image_size, seed=3),
-            split=SplitConfig(val=0.0, test=0.0),  # everything in train: the split that is streamed
+            split=SplitConfig(val=val, test=0.0),
         )
     )
 

@@ -1,0 +1,251 @@
+"""`medfusion bench tune`: what ASHA buys over plain search, and what Ray Tune's scheduling costs.
+
+One run measures:
+
+(1) Search efficiency on the synthetic `tiny` setup. A grid over the search space runs every
+    configuration for `epochs` (the reference: its best objective is "the best there is").
+    ASHA then starts every configuration of the same grid and stops the weak ones at its rungs;
+    random search (FIFO, every trial to `epochs`) draws configurations at random until it has spent
+    as many trial-epochs as ASHA did. For each: the best
+    objective reached, and the trial-epochs spent, in completion order, until a trial came within
+    `tolerance` (1%) of the grid's best. Target: ASHA gets there on at most 1/3 of the grid's
+    trial-epochs.
+(2) Scheduling overhead: `overhead_trials` no-op trials (each only sleeps `trial_seconds`, reporting
+    `iterations` times) through Ray Tune, and the same sleeps through a `multiprocessing.Pool` with
+    as many processes as Tune runs trials at once. Overhead = Tune's wall time over the pool's, minus
+    one (target <= 15%). Ray's own start-up is not counted: a sweep pays it once, not per trial.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medfusion.config import TuneBenchConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# (2) scheduling overhead
+# ----------------------------------------------------------------------------------------------
+
+
+def _sleep_work(args: tuple[float, int]) -> int:
+    """The pool's unit of work: the same sleeps a no-op trial does."""
+    seconds, iterations = args
+    for _ in range(iterations):
+        time.sleep(seconds / iterations)
+    return iterations
+
+
+def _noop_trial(config: dict[str, Any]) -> None:
+    """A Tune function trainable that only sleeps, reporting after each slice."""
+    from ray import tune
+
+    for i in range(config["iterations"]):
+        time.sleep(config["seconds"] / config["iterations"])
+        tune.report({"step": i})
+
+
+def measure_overhead(trials: int, trial_seconds: float, iterations: int, concurrency: int) -> dict[str, float]:
+    """Wall time of `trials` no-op trials through Ray Tune and through a process pool.
+
+    Ray must already be initialized (its start-up is not scheduling overhead). Tune runs its trials
+    with 1 CPU each, `concurrency` at a time, its default loggers on: what a sweep would pay.
+    """
+    from ray import tune
+
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(concurrency) as pool:
+        pool.map(_sleep_work, [(trial_seconds, iterations)] * trials, chunksize=1)
+    pool_s = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory(prefix="medfusion-bench-tune-") as storage:
+        tuner = tune.Tuner(
+            tune.with_resources(_noop_trial, {"cpu": 1}),
+            param_space={"seconds": trial_seconds, "iterations": iterations, "trial": tune.grid_search(list(range(trials)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=storage, name="overhead", verbose=0),
+        )
+        start = time.perf_counter()
+        results = tuner.fit()
+        tune_s = time.perf_counter() - start
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"no-op trials failed: {errors[0]}")
+    ideal_s = trial_seconds * -(-trials // concurrency)
+    return {
+        "trials": trials,
+        "tune_s": tune_s,
+        "pool_s": pool_s,
+        "ideal_s": ideal_s,
+        "overhead": tune_s / pool_s - 1.0,
+        "tune_per_trial_ms": 1000 * (tune_s - ideal_s) * concurrency / trials,
+        "pool_per_trial_ms": 1000 * (pool_s - ideal_s) * concurrency / trials,
+    }
+
+
+def overhead_cpus() -> int:
+    """Trials Tune and the pool run at once: the machine's cores (at least 1)."""
+    return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# (1) search efficiency: grid vs ASHA vs random at ASHA's budget
+# ----------------------------------------------------------------------------------------------
+
+
+def _trial_order(trial_id: str) -> int:
+    """Tune numbers trials in the order it creates them (``<experiment>_00007``); one trial at a time,
+    that is also the order they finish in."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def budget_to_reach(trials: list[dict[str, Any]], target: float) -> tuple[float | None, int | None]:
+    """Best objective of a sweep's leaderboard, and the trial-epochs it had spent (trials in run
+    order, each counted with the epochs it ran) when a trial first reached `target`."""
+    spent = 0
+    reached = None
+    best = None
+    for record in sorted(trials, key=lambda r: _trial_order(r["trial_id"])):
+        spent += int(record.get("epochs_run") or 0)
+        value = record.get("objective")
+        if value is None:
+            continue
+        best = value if best is None else max(best, value)
+        if reached is None and value >= target:
+            reached = spent
+    return best, reached
+
+
+def trial_epochs(trials: list[dict[str, Any]]) -> int:
+    """Every epoch every trial of a sweep ran."""
+    return sum(int(r.get("epochs_run") or 0) for r in trials)
+
+
+def _sweep(cfg: TuneBenchConfig, data_uri: str, storage_uri: str, name: str, **values: Any) -> list[dict[str, Any]]:
+    """One run_tune sweep of the benchmark's trials; its leaderboard's trial records."""
+    import json
+
+    from medfusion import storage
+    from medfusion.config import TuneConfig, load_config, preset_values
+    from medfusion.tune import run_tune
+
+    tune_cfg = load_config(TuneConfig, base={
+        "dataset_uri": data_uri, "storage_uri": storage_uri, "name": name,
+        "model": preset_values("tiny", "model"), "data": preset_values("tiny", "data"),
+        "train": {"epochs": cfg.epochs, "max_steps_per_epoch": cfg.steps_per_epoch, "num_workers": 1, "warmup_steps": 2},
+        "search_space": cfg.search_space, "search_seed": cfg.seed, "reduction_factor": cfg.reduction_factor,
+        "grace_period": 1, "max_concurrent_trials": 1, "seeds": 0, "register": False, **values,
+    })  # fmt: skip
+    result = run_tune(tune_cfg)
+    return json.loads(storage.read_text(result.leaderboard_uri))["trials"]
+
+
+def measure_search(cfg: TuneBenchConfig, data_uri: str, storage_uri: str) -> dict[str, Any]:
+    """Grid (every configuration, every epoch), ASHA over the same configurations, and random search
+    (FIFO) given the trial-epochs ASHA spent."""
+    import math
+
+    configs = math.prod(len(v) for v in cfg.search_space.values())
+    grid = _sweep(cfg, data_uri, storage_uri, "grid", search="grid", scheduler="fifo")
+    grid_best, _ = budget_to_reach(grid, math.inf)
+    if grid_best is None:
+        raise RuntimeError("bench tune: no grid trial reported an objective")
+    target = grid_best - cfg.tolerance * abs(grid_best)
+    asha = _sweep(cfg, data_uri, storage_uri, "asha", search="grid", scheduler="asha")
+    asha_spent = trial_epochs(asha)
+    random_trials = max(1, round(asha_spent / cfg.epochs))
+    random = _sweep(cfg, data_uri, storage_uri, "random", search="random", scheduler="fifo", num_samples=random_trials)
+    rows = {}
+    for name, trials in (("grid", grid), ("asha", asha), ("random", random)):
+        best, reached = budget_to_reach(trials, target)
+        rows[name] = {"trials": len(trials), "trial_epochs": trial_epochs(trials), "best": best, "epochs_to_target": reached,
+                      "stopped_early": sum(bool(t.get("stopped_early")) for t in trials)}  # fmt: skip
+    return {"configs": configs, "target": target, "rows": rows}
+
+
+def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[str, Any]:
+    """Run the parts of `cfg`, print tables, return the benchmark JSON object (DESIGN.md)."""
+    import shutil
+
+    import ray
+
+    from medfusion.config import TrainConfig
+
+    started_store = None
+    data_uri = cfg.data_uri or "s3://medfusion/bench/tune"
+    if "search" in cfg.parts and not cfg.data_uri and not os.environ.get("AWS_ENDPOINT_URL"):
+        from medfusion.store import DEFAULT_ROOT, Store
+
+        store = Store(store_root or DEFAULT_ROOT)
+        started_store = None if store.running() else store
+        os.environ.update(store.up().env())
+    started_ray = False
+    if not ray.is_initialized():
+        from medfusion.train import ensure_ray
+
+        # With the dashboard: ASHA's stopped trials free their Train workers through the State API.
+        started_ray = ensure_ray(TrainConfig(num_workers=1), dashboard=True)
+    storage_dir = tempfile.mkdtemp(prefix="medfusion-bench-tune-")
+    figures: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, float] = {}
+    try:
+        if "search" in cfg.parts:
+            from medfusion.bench.train import _make_dataset
+            from medfusion.config import preset_values
+
+            _make_dataset(data_uri, cfg.samples, int(preset_values("tiny", "data")["image_size"]), val=0.2)
+            search = measure_search(cfg, data_uri, storage_dir)
+            rows = search["rows"]
+            print(f"\nsearch over {search['configs']} configurations x {cfg.epochs} epochs; "
+                  f"target = within {100 * cfg.tolerance:g}% of the grid's best = {search['target']:.4f}")  # fmt: skip
+            print(f"{'sweep':<28}{'trials':>7}{'trial-epochs':>14}{'stopped':>9}{'best':>9}{'epochs to target':>18}")
+            labels = {"grid": "grid (FIFO)", "asha": "ASHA (same grid)", "random": "random (FIFO, ASHA's budget)"}
+            for name, row in rows.items():
+                reached = "not reached" if row["epochs_to_target"] is None else str(row["epochs_to_target"])
+                best = "-" if row["best"] is None else f"{row['best']:.4f}"
+                print(f"{labels[name]:<28}{row['trials']:>7}{row['trial_epochs']:>14}{row['stopped_early']:>9}{best:>9}{reached:>18}")
+                figures[f"{name}_best_objective"] = {"value": row["best"], "unit": "objective"}
+                figures[f"{name}_trial_epochs"] = {"value": row["trial_epochs"], "unit": "trial-epochs"}
+                figures[f"{name}_trial_epochs_to_target"] = {"value": row["epochs_to_target"], "unit": "trial-epochs"}
+            grid_epochs = rows["grid"]["trial_epochs"]
+            for name in ("asha", "random"):
+                if rows[name]["best"] is not None and rows["grid"]["best"]:
+                    ratios[f"{name}_best_vs_grid_best"] = round(rows[name]["best"] / rows["grid"]["best"], 4)
+                reached = rows[name]["epochs_to_target"]
+                # Never reaching the target counts as needing more than the whole grid.
+                ratios[f"{name}_epochs_to_target_vs_grid_epochs"] = round((reached if reached is not None else math.inf) / grid_epochs, 4)
+        if "overhead" in cfg.parts:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            overhead = measure_overhead(cfg.overhead_trials, cfg.trial_seconds, cfg.iterations, concurrency=max(1, min(cpus, overhead_cpus())))
+            print(f"\nscheduling: {overhead['trials']} no-op trials of {cfg.trial_seconds:g} s, "
+                  f"{max(1, min(cpus, overhead_cpus()))} at a time (ideal {overhead['ideal_s']:.1f} s)")  # fmt: skip
+            print(f"{'runner':<24}{'wall s':>9}{'per trial ms':>14}")
+            print(f"{'Ray Tune':<24}{overhead['tune_s']:>9.2f}{overhead['tune_per_trial_ms']:>14.0f}")
+            print(f"{'multiprocessing.Pool':<24}{overhead['pool_s']:>9.2f}{overhead['pool_per_trial_ms']:>14.0f}")
+            figures["tune_noop_wall_s"] = {"value": round(overhead["tune_s"], 3), "unit": "s"}
+            figures["pool_noop_wall_s"] = {"value": round(overhead["pool_s"], 3), "unit": "s"}
+            figures["tune_overhead_per_trial"] = {"value": round(overhead["tune_per_trial_ms"], 1), "unit": "ms"}
+            ratios["tune_vs_pool_wall"] = round(overhead["tune_s"] / overhead["pool_s"], 4)
+    finally:
+        shutil.rmtree(storage_dir, ignore_errors=True)
+        if started_ray:
+            ray.shutdown()
+        if started_store is not None:
+            started_store.down()
+    if ratios:
+        print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    return {"bench": "tune", "config": {**_plain(cfg), "cores": os.cpu_count()}, "figures": figures,
+            "ratios": {k: (v if math.isfinite(v) else None) for k, v in ratios.items()}}  # fmt: skip
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -1,0 +1,71 @@
+"""`medfusion bench tune` runs both parts end to end (tiny sizes; figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from medfusion.bench.tune import budget_to_reach, run_tune_bench, trial_epochs
+from medfusion.config import ConfigError, TuneBenchConfig, load_config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["parts=search,train"], "parts: must be a list of search and/or overhead"), (["epochs=1"], "epochs: must be >= 2"),
+     (["tolerance=1.5"], "tolerance: must be in"), (["trial_seconds=0"], "trial_seconds: must be > 0")],
+)
+def test_bench_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TuneBenchConfig, overrides=overrides)
+
+
+def test_search_space_must_be_a_grid():
+    with pytest.raises(ConfigError, match="search_space: must map each key to a non-empty list"):
+        TuneBenchConfig(search_space={"train.lr": {"loguniform": [1e-4, 1e-2]}})
+
+
+@pytest.mark.parametrize(
+    "trials, target, expected",
+    [
+        # run order is the trial number, not the leaderboard's rank
+        ([{"trial_id": "x_00001", "epochs_run": 4, "objective": 0.9}, {"trial_id": "x_00000", "epochs_run": 1, "objective": 0.5}],
+         0.89, (0.9, 5)),
+        ([{"trial_id": "x_00000", "epochs_run": 2, "objective": 0.95}, {"trial_id": "x_00001", "epochs_run": 4, "objective": 0.97}],
+         0.9, (0.97, 2)),
+        ([{"trial_id": "x_00000", "epochs_run": 2, "objective": None}, {"trial_id": "x_00001", "epochs_run": 4, "objective": 0.5}],
+         0.9, (0.5, None)),
+    ],
+)
+def test_budget_counts_trial_epochs_in_run_order(trials, target, expected):
+    assert budget_to_reach(trials, target) == expected
+    assert trial_epochs(trials) == sum(t["epochs_run"] for t in trials)
+
+
+@pytest.mark.integration
+def test_overhead_part_measures_tune_and_the_pool(ray_local, capsys):
+    result = run_tune_bench(TuneBenchConfig(parts=["overhead"], overhead_trials=4, trial_seconds=0.5, iterations=2))
+    table = capsys.readouterr().out
+    assert "Ray Tune" in table and "multiprocessing.Pool" in table
+    assert result["bench"] == "tune" and json.loads(json.dumps(result)) == result
+    assert result["figures"]["tune_noop_wall_s"]["value"] >= 1.0  # 4 trials of 0.5 s, 2 at a time
+    assert result["ratios"]["tune_vs_pool_wall"] > 0
+
+
+@pytest.mark.integration
+def test_search_part_runs_grid_asha_and_random(s3_prefix, tmp_path):
+    # A process of its own: the sweep's Ray needs the dashboard (ASHA frees stopped trials through
+    # the State API), which the test session's shared Ray does not start.
+    argv = [sys.executable, "-m", "medfusion.cli", "bench", "tune", "parts=search", "samples=128", "epochs=2",
+            "steps_per_epoch=2", "search_space={model.fusion: [concat, gated]}", f"data_uri={s3_prefix}/bench-tune"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = result["figures"]
+    assert figures["grid_trial_epochs"]["value"] == 2 * 2  # every configuration, every epoch
+    assert figures["grid_best_objective"]["value"] is not None
+    assert figures["asha_trial_epochs"]["value"] <= figures["grid_trial_epochs"]["value"]
+    assert {"asha_best_vs_grid_best", "asha_epochs_to_target_vs_grid_epochs", "random_epochs_to_target_vs_grid_epochs"} <= set(result["ratios"])
+    assert "grid (FIFO)" in out.stdout and "ASHA (same grid)" in out.stdout
