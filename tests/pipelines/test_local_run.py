@@ -85,10 +85,18 @@ def test_pipeline_runs_end_to_end_and_deploys_when_the_gate_passes(passing_run):
 
 def test_gate_blocks_deploy_when_the_threshold_is_above_the_reached_metric(passing_run, kfp_local):
     cfg, outputs, _ = passing_run
-    # A threshold above any reachable accuracy: whether kfp.local's cache replays train or a rerun
-    # reaches a different accuracy (multi-worker training is not bit-reproducible), the gate must block.
-    blocked = dataclasses.replace(cfg, gates={"accuracy": 1.01}, registry_uri=f"{cfg.registry_uri}-blocked")
+    # This run takes the pipeline's other branch, a Ray Tune sweep of two fusions (FIFO, no
+    # ablation), and a threshold above any reachable accuracy, so the gate must block.
+    blocked = dataclasses.replace(
+        cfg, gates={"accuracy": 1.01}, registry_uri=f"{cfg.registry_uri}-blocked", use_tune=True,
+        search_space={"model.fusion": ["concat", "image_only"]},
+        tune_config={"train": {k: v for k, v in TRAIN.items() if k != "data"}, "data": TRAIN["data"], "search": "grid",
+                     "scheduler": "fifo", "seeds": 0},
+    )  # fmt: skip
     blocked_outputs, run_dir = _run(blocked, kfp_local)
+    assert (run_dir / "tune").exists() and not (run_dir / "train").exists()
+    leaderboard = (run_dir / "tune" / "leaderboard").read_text()
+    assert "2 trials" in leaderboard and "concat" in leaderboard and "image_only" in leaderboard, leaderboard
     assert blocked_outputs["metrics"]["accuracy"] < 1.01
     assert blocked_outputs["deployable"] is False
     assert not (run_dir / "deploy").exists() and not (run_dir / "smoke-test").exists()
