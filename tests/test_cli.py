@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from medfusion.cli import build_parser, main
+from medfusion.cli import build_parser, main, parse_args
 
 
 def _commands(parser: argparse.ArgumentParser, prefix=()):
@@ -49,3 +49,11 @@ def test_errors_are_one_actionable_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_overrides_may_stand_on_both_sides_of_options(capsys):
+    args = parse_args(["tune", "--preset", "tiny", "name=a", "--seeds", "3", "num_samples=6", "train.epochs=4"])
+    assert args.overrides == ["name=a", "num_samples=6", "train.epochs=4"] and args.seeds == 3
+    with pytest.raises(SystemExit):
+        parse_args(["tune", "name=a", "--seeds", "3", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -451,9 +451,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, KEY=VALUE overrides gathered from wherever they stand."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may sit on both sides of options (`tune a=1 --seeds 3 b=2`): argparse takes
+    # only the first run of them as the positional, so the rest come back unknown and join it here.
+    args, unknown = parser.parse_known_args(argv)
+    late = [arg for arg in unknown if "=" in arg and not arg.startswith("-")]
+    if late and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += late
+        unknown = [arg for arg in unknown if arg not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if getattr(args, "root", "unset") is None:
         args.root = args.store_root
     try:
