@@ -10,7 +10,7 @@ a pipeline run):
                          here and a job that does not succeed raises JobError with its last log lines
     "kuberay"            KubeRay: a RayJob custom resource (with its own Ray cluster) is created in the
                          namespace, followed until it ends, and deleted; deploy creates or updates a
-                         RayService (needs the RBAC of k8s/role.pipeline.yaml)
+                         RayService (needs the RBAC of k8s/base/role.pipeline.yaml)
 
 A stage run remotely runs ``python -m medfusion.orchestration STAGE`` on the cluster: the same stage
 function, with the same config, writing its result as JSON to `result_uri` in object storage that both
@@ -54,7 +54,7 @@ SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 RAYJOB_SUCCEEDED = "SUCCEEDED"
 RAYJOB_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RAYJOB_DEPLOYMENT_FAILED = ("Failed", "ValidationFailed")
-# Every Kubernetes API call of this module, by (API group, resource): what k8s/role.pipeline.yaml
+# Every Kubernetes API call of this module, by (API group, resource): what k8s/base/role.pipeline.yaml
 # must grant the pipeline's service account (tests/k8s checks that it does).
 REQUIRED_RBAC: dict[tuple[str, str], set[str]] = {
     ("ray.io", "rayjobs"): {"create", "get", "delete"},
@@ -244,7 +244,7 @@ def submit_job(address: str, entrypoint: str, submission_id: str, env: Mapping[s
 
 @dataclass
 class KubeRayOptions:
-    """The Ray cluster a RayJob or the RayService gets (the shape of k8s/raycluster.medfusion.yaml)."""
+    """The Ray cluster a RayJob or the RayService gets (the shape of k8s/base/raycluster.medfusion.yaml)."""
 
     namespace: str = ""
     """Namespace of the RayJobs and the RayService; empty: this pod's own namespace."""
@@ -261,11 +261,11 @@ class KubeRayOptions:
     worker_memory: str = "16Gi"
     """Memory request and limit of every worker."""
     s3_secret: str = "medfusion-s3"
-    """Secret whose keys become the AWS_* environment of every Ray pod (k8s/secret.s3.template.yaml)."""
+    """Secret whose keys become the AWS_* environment of every Ray pod (k8s/base/secret.s3.template.yaml)."""
     serve_token_secret: str = "medfusion-serve-token"
     """RayService only: Secret whose `token` key is the inference API's bearer token."""
     service_account: str = "medfusion-ray"
-    """Service account of the Ray pods (k8s/serviceaccount.ray.yaml)."""
+    """Service account of the Ray pods (k8s/base/serviceaccount.ray.yaml)."""
     timeout_s: float = 86_400.0
     """Longest a RayJob may run, or a RayService take to become ready, before it counts as failed."""
     poll_s: float = 5.0

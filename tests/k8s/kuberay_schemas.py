@@ -195,10 +195,17 @@ def kustomization_errors(folder: Path) -> list[str]:
     problems = [f"{key}: not a Kustomization field" for key in k if key not in KUSTOMIZATION_FIELDS]
     if k.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or k.get("kind") != "Kustomization":
         problems.append("apiVersion/kind: must be kustomize.config.k8s.io/v1beta1 Kustomization")
+    root = folder.resolve()
     for entry in k.get("resources", []):
         target = folder / entry
         if not (target.is_file() or (target / "kustomization.yaml").is_file()):
             problems.append(f"resources: {entry} is neither a file nor a kustomization folder")
+        elif target.is_file() and not target.resolve().is_relative_to(root):
+            # kustomize's default load restrictor: files only in or below the kustomization's folder
+            problems.append(f"resources: {entry} is a file outside {folder.name}/ (kustomize refuses it; list a kustomization folder)")
+        elif target.is_dir() and root.is_relative_to(target.resolve()):
+            # "cycle detected: candidate root ... contains visited root ...": a base cannot hold its overlays
+            problems.append(f"resources: {entry} contains {folder.name}/ itself (kustomize: cycle detected); move the base to its own folder")
     for i, patch in enumerate(k.get("patches", [])):
         if set(patch) - {"target", "patch", "path", "options"}:
             problems.append(f"patches[{i}]: unknown keys {sorted(set(patch) - {'target', 'patch', 'path', 'options'})}")

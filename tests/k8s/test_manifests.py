@@ -8,6 +8,8 @@ import importlib
 import importlib.util
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import kuberay_schemas as ks
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+BASE = K8S / "base"
+MANIFESTS = sorted(p for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 # Paths where the RayService's serveConfigV2 may differ from serve/serve_config.yaml.
@@ -76,7 +79,7 @@ def test_there_are_manifests_and_overlays():
     assert {o.name for o in OVERLAYS} == {"dev", "prod"}
 
 
-@pytest.mark.parametrize("path", MANIFESTS + [K8S / "kustomization.yaml"] + [o / "kustomization.yaml" for o in OVERLAYS], ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize("path", MANIFESTS + [BASE / "kustomization.yaml"] + [o / "kustomization.yaml" for o in OVERLAYS], ids=lambda p: str(p.relative_to(K8S)))
 def test_every_file_parses_without_duplicate_keys(path):
     docs = _docs(path)
     assert docs, f"{path}: no YAML document"
@@ -158,7 +161,7 @@ def test_strict_schema_validation(name, obj):
     ids=["ray-field", "worker-field", "container-field", "pod-field", "ray-start-param-type", "required", "enum", "metadata", "api-version"],
 )
 def test_strict_validation_catches_what_kubectl_would(mutate, expected):
-    (obj,) = _docs(K8S / "raycluster.medfusion.yaml")
+    (obj,) = _docs(BASE / "raycluster.medfusion.yaml")
     obj = copy.deepcopy(obj)
     mutate(obj)
     found = ks.errors(obj)
@@ -166,13 +169,13 @@ def test_strict_validation_catches_what_kubectl_would(mutate, expected):
 
 
 def test_strict_validation_of_rayjob_and_rayservice_specific_fields():
-    (job,) = _docs(K8S / "rayjob.train.yaml")
+    (job,) = _docs(BASE / "rayjob.train.yaml")
     job["spec"]["submissionMode"] = "K8sJobMode"  # a later KubeRay field: unknown to the pinned CRD
     del job["spec"]["entrypoint"]
     found = ks.errors(job)
     assert any("'entrypoint' is a required property" in e for e in found), found
     assert any("'submissionMode' was unexpected" in e for e in found), found
-    (service,) = _docs(K8S / "rayservice.medfusion.yaml")
+    (service,) = _docs(BASE / "rayservice.medfusion.yaml")
     service["spec"]["serveConfigV2"] = {"applications": []}
     assert any("is not of type 'string'" in e for e in ks.errors(service))
 
@@ -196,13 +199,46 @@ def test_core_objects_are_validated_strictly(doc, expected):
 # --------------------------------------------------------------------------------------- kustomize
 
 
-@pytest.mark.parametrize("folder", [K8S, *OVERLAYS], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("folder", [BASE, *OVERLAYS], ids=lambda p: str(p.relative_to(ROOT)))
 def test_kustomizations_are_well_formed(folder):
     assert ks.kustomization_errors(folder) == []
 
 
+def test_the_small_kustomize_catches_a_base_that_holds_its_overlays(tmp_path):
+    # The layout `kubectl apply -k` rejected before k8s/base/ existed: k8s/ as the base of k8s/overlays/dev.
+    overlay = tmp_path / "overlays" / "dev"
+    overlay.mkdir(parents=True)
+    (tmp_path / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n")
+    (tmp_path / "a.yaml").write_text("kind: ConfigMap\n")
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../.., ../../a.yaml]\n"
+    )
+    errors = ks.kustomization_errors(overlay)
+    assert any("cycle detected" in e for e in errors) and any("outside dev/" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_overlays_build_with_kubectl_as_the_small_kustomize_does(overlay):
+    # `kubectl kustomize` is kustomize itself; on a machine without kubectl the structural checks
+    # above (its load rules included) are what stands.
+    kubectl = shutil.which("kubectl")
+    expected = sorted((o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in ks.build_kustomization(overlay))
+    if kubectl is None:
+        assert ks.kustomization_errors(overlay) == [] and expected
+        return
+    out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted((o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in built) == expected
+    assert _strip_order(built) == _strip_order(ks.build_kustomization(overlay))
+
+
+def _strip_order(objects: list[dict]) -> list[dict]:
+    return sorted(objects, key=lambda o: (o["kind"], o["metadata"]["name"]))
+
+
 def test_base_lists_every_standing_manifest():
-    (base,) = _docs(K8S / "kustomization.yaml")
+    (base,) = _docs(BASE / "kustomization.yaml")
     listed = set(base["resources"])
     for path in MANIFESTS:
         standing = not path.name.endswith(".template.yaml") and not path.name.startswith("rayjob.")
@@ -267,7 +303,7 @@ def test_credentials_come_from_secrets_only():
 
 
 def test_rayservice_token_comes_from_a_secret_on_every_node():
-    (service,) = _docs(K8S / "rayservice.medfusion.yaml")
+    (service,) = _docs(BASE / "rayservice.medfusion.yaml")
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     for template in _pod_templates(service):
         (container,) = template["spec"]["containers"]
@@ -278,7 +314,7 @@ def test_rayservice_token_comes_from_a_secret_on_every_node():
 def test_role_grants_what_orchestration_calls():
     from medfusion.orchestration import REQUIRED_RBAC
 
-    (role,) = _docs(K8S / "role.pipeline.yaml")
+    (role,) = _docs(BASE / "role.pipeline.yaml")
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
         for group in rule["apiGroups"]:
@@ -321,12 +357,12 @@ def _diff(a, b, path=()):
 
 
 def test_rayservice_embeds_the_serve_config_of_serve():
-    (service,) = _docs(K8S / "rayservice.medfusion.yaml")
+    (service,) = _docs(BASE / "rayservice.medfusion.yaml")
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     own = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
     differences = set(_diff(embedded, own))
     assert differences == SERVE_CONFIG_K8S_ONLY, (
-        f"k8s/rayservice.medfusion.yaml's serveConfigV2 and serve/serve_config.yaml differ at {sorted(differences - SERVE_CONFIG_K8S_ONLY)}"
+        f"k8s/base/rayservice.medfusion.yaml's serveConfigV2 and serve/serve_config.yaml differ at {sorted(differences - SERVE_CONFIG_K8S_ONLY)}"
         f" (expected only {sorted(SERVE_CONFIG_K8S_ONLY)}): copy serve/serve_config.yaml into serveConfigV2, keeping num_gpus"
     )
 
@@ -341,7 +377,7 @@ def test_serve_import_path_resolves_to_a_callable():
 def test_rayjob_entrypoint_is_a_real_train_command():
     from medfusion.config import TrainConfig, load_config
 
-    (job,) = _docs(K8S / "rayjob.train.yaml")
+    (job,) = _docs(BASE / "rayjob.train.yaml")
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "medfusion.train"]
     assert importlib.util.find_spec("medfusion.train") is not None
