@@ -905,11 +905,21 @@ def submit_pipeline(cfg: PipelineConfig, host: str, *, namespace: str = "", expe
 
     from medfusion.pipelines.medfusion_pipeline import medfusion_pipeline
 
-    client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=existing_token or None,
-                        cookies=cookies or None, ssl_ca_cert=ssl_ca_cert or None)
-    result = client.create_run_from_pipeline_func(
-        medfusion_pipeline, arguments=cfg.arguments(), run_name=run_name or None, experiment_name=experiment,
-        namespace=namespace or None, service_account=service_account or None, enable_caching=enable_caching)
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    try:
+        client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=existing_token or None,
+                            cookies=cookies or None, ssl_ca_cert=ssl_ca_cert or None)
+        result = client.create_run_from_pipeline_func(
+            medfusion_pipeline, arguments=cfg.arguments(), run_name=run_name or None, experiment_name=experiment,
+            namespace=namespace or None, service_account=service_account or None, enable_caching=enable_caching)
+    except urllib3.exceptions.HTTPError as err:
+        reason = getattr(err, "reason", None) or err
+        raise ConnectionError(f"--host {host}: cannot reach the Kubeflow Pipelines API ({reason})") from None
+    except ApiException as err:
+        hint = " (check --existing-token / --cookies and --namespace)" if err.status in (401, 403) else ""
+        raise ConnectionError(f"--host {host}: the Kubeflow Pipelines API answered {err.status} {err.reason}{hint}") from None
     return {"run_id": result.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}
 
 

@@ -199,3 +199,35 @@ def test_deploy_registers_the_export_and_keeps_the_serve_config_out_of_the_versi
     assert app["args"]["model"] == latest.uri and app["name"] == "medfusion"
     assert "serve_config.yaml" not in {p.rsplit("/", 1)[-1] for p in storage.list_files(latest.uri)}
     verify_export(latest.uri)
+
+
+def test_submit_names_the_host_when_kfp_is_unreachable_or_refuses():
+    import http.server
+    import threading
+
+    from medfusion.store import free_port
+
+    cfg = o.PipelineConfig()
+    with pytest.raises(ConnectionError, match=r"--host http://127.0.0.1:\d+/pipeline: cannot reach the Kubeflow Pipelines API"):
+        o.submit_pipeline(cfg, f"http://127.0.0.1:{free_port()}/pipeline")
+
+    class Unauthorized(http.server.BaseHTTPRequestHandler):
+        def _deny(self):
+            self.send_response(401, "Unauthorized")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "no token"}')
+
+        do_GET = do_POST = _deny
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConnectionError, match=r"answered 401 Unauthorized \(check --existing-token"):
+            o.submit_pipeline(cfg, f"http://127.0.0.1:{server.server_port}/pipeline", namespace="team-a")
+    finally:
+        server.shutdown()
+        server.server_close()
