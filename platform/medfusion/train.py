@@ -179,20 +179,31 @@ def _plan(cfg: TrainConfig) -> tuple[TrainConfig, _Plan]:
     return cfg, _Plan(info=info, steps_per_epoch=steps, micro_batches_per_epoch=steps * cfg.grad_accum)
 
 
+def saved_config(saved_uri: str, resume: bool, exists_error: str, missing_error: str) -> dict[str, Any] | None:
+    """The config a run or sweep folder saved, for a resume; None for a fresh start.
+
+    Raises ConfigError(`exists_error`) when a fresh start finds one (the folder is taken) and
+    ConfigError(`missing_error`) when a resume finds none.
+    """
+    if not resume:
+        if storage.exists(saved_uri):
+            raise ConfigError(exists_error)
+        return None
+    try:
+        return yaml.safe_load(storage.read_text(saved_uri)) or {}
+    except FileNotFoundError:
+        raise ConfigError(missing_error) from None
+
+
 def _check_run_folder(cfg: TrainConfig, run_uri: str) -> None:
     """A fresh run must not reuse a folder; a resumed one must match the run it continues."""
-    saved_uri = storage.join(run_uri, CONFIG_FILE)
-    if not cfg.resume:
-        if storage.exists(saved_uri):
-            raise ConfigError(
-                f"name: a run named {cfg.name!r} already exists at {run_uri}; continue it with --resume {run_uri} "
-                "or choose another name"
-            )
+    saved = saved_config(
+        storage.join(run_uri, CONFIG_FILE), cfg.resume,
+        f"name: a run named {cfg.name!r} already exists at {run_uri}; continue it with --resume {run_uri} or choose another name",
+        f"resume: {run_uri} is not a training run ({CONFIG_FILE} not found)",
+    )  # fmt: skip
+    if saved is None:
         return
-    try:
-        saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"resume: {run_uri} is not a training run ({CONFIG_FILE} not found)") from None
     current = to_dict(cfg)
     for key in RESUME_FIXED:
         if key == "num_workers" and cfg.strategy == "deepspeed" and cfg.zero_stage == 0:

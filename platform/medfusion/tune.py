@@ -169,18 +169,15 @@ def _resolve_sweep(cfg: TuneConfig) -> TuneConfig:
 
 def _check_sweep_folder(cfg: TuneConfig, sweep_uri: str, space: Mapping[str, Any]) -> None:
     """A fresh sweep must not reuse a folder; a resumed one must be the same sweep."""
-    saved_uri = storage.join(sweep_uri, SWEEP_CONFIG)
-    if not cfg.resume:
-        if storage.exists(saved_uri):
-            raise ConfigError(
-                f"name: a sweep named {cfg.name!r} already exists at {sweep_uri}; continue it with --resume "
-                "(resume=true) or choose another name"
-            )
+    from medfusion.train import saved_config
+
+    saved = saved_config(
+        storage.join(sweep_uri, SWEEP_CONFIG), cfg.resume,
+        f"name: a sweep named {cfg.name!r} already exists at {sweep_uri}; continue it with --resume (resume=true) or choose another name",
+        f"resume: no sweep at {sweep_uri} ({SWEEP_CONFIG} not found)",
+    )  # fmt: skip
+    if saved is None:
         return
-    try:
-        saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"resume: no sweep at {sweep_uri} ({SWEEP_CONFIG} not found)") from None
     current = to_dict(cfg)
     current["search_space"] = dict(space)
     for key in ("dataset_uri", "search_space", "search", "scheduler", "model", "data", "train", "objective"):
