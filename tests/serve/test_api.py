@@ -225,6 +225,7 @@ def test_limits_default_to_the_decoders_guard():
         (["limits.request_timeout_s=nan"], "limits.request_timeout_s: must be in (0, 3600]"),
         (["device=tpu"], "device: must be cpu, cuda"),
         (["max_queued_requests=0"], "max_queued_requests: must be -1"),
+        (["ingress_replicas=-1"], "ingress_replicas: must be >= 0"),
         (["bogus=1"], "bogus: unknown field of ServeConfig"),
     ],
 )
@@ -349,6 +350,50 @@ def test_readiness_does_not_queue_behind_a_busy_model():
     assert asyncio.run(backend.ready()) is False  # never answered, probe fails: not ready
     asyncio.run(backend.predict({}))
     assert asyncio.run(backend.ready()) is True and handle.ready.calls == 1  # answered recently: no probe
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_batch_pacer_runs_a_lone_request_at_once_and_fills_batches_to_the_load(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(serving.time, "monotonic", clock)
+    pacer = serving.BatchPacer(max_batch_size=8, max_wait_s=0.1, window_s=1.0)
+    for _ in range(3):  # one request at a time: batches of one, no wait
+        assert pacer.arrive() == (1, 0.0)
+        pacer.leave()
+    assert [pacer.arrive() for _ in range(5)] == [(1, 0.0), (2, 0.1), (3, 0.1), (4, 0.1), (5, 0.1)]
+    for _ in range(5):
+        pacer.leave()
+    clock.now += 0.5  # within the window, the next batch waits for the 5 seen at once
+    assert pacer.arrive() == (5, 0.1)
+    pacer.leave()
+    clock.now += 0.6  # the burst left the window: a lone request runs at once again
+    assert pacer.arrive() == (1, 0.0)
+    pacer.leave()
+    assert [pacer.arrive() for _ in range(12)][-1] == (8, 0.1)  # never above max_batch_size
+    assert pacer.ongoing == 12
+
+
+def test_model_predictions_run_on_one_thread(runner):
+    import threading
+
+    seen: list[int] = []
+    predict_now = runner.predict_now
+    runner.predict_now = lambda items: seen.append(threading.get_ident()) or predict_now(items)
+    try:
+        async def burst() -> None:
+            await asyncio.gather(*(runner.predict([{"image": png(), "report": None}]) for _ in range(4)))
+
+        asyncio.run(burst())
+    finally:
+        del runner.predict_now
+    assert len(seen) == 4 and len(set(seen)) == 1 and threading.get_ident() not in seen
 
 
 def test_chunked_body_over_the_limit_is_cut_at_the_limit(api):

@@ -1,6 +1,8 @@
 """The Serve application end to end on the local Ray: contract, hostile input, overload, auth.
 
-Load, autoscaling, replica failure and version rollover are in test_operations.py.
+Each runs in both layouts: split (an ingress deployment in front of the model deployment) and
+combined (``ingress_replicas=0``: the model replicas answer HTTP). Load, autoscaling, replica failure
+and version rollover are in test_operations.py.
 """
 
 from __future__ import annotations
@@ -33,10 +35,21 @@ pytestmark = pytest.mark.integration
 SERVE_CASES = [c for c in hostile_cases() if c[0] != "lying-content-length"]
 
 
+LAYOUTS = {"split": 1, "combined": 0}  # ingress_replicas
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def app_url(deploy_module, tiny_export, token_file):
+def app_url(deploy_module, tiny_export, token_file, layout):
     """The app with the test limits and a bearer token from a file (as a mounted secret would be)."""
-    return deploy_module("main", model=tiny_export.uri, num_cpus=0.25, auth_token_file=token_file, limits=vars(LIMITS))
+    return deploy_module(
+        f"main-{layout}", model=tiny_export.uri, num_cpus=0.25, auth_token_file=token_file, limits=vars(LIMITS),
+        ingress_replicas=LAYOUTS[layout],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +95,18 @@ def test_hostile_request_through_serve(client, name, request_, status, error):
     assert _send(client, multipart(png())).status_code == 200  # the service keeps answering
 
 
-def test_no_replica_died_from_hostile_input(client):
+def test_no_replica_died_from_hostile_input(client, layout):
     for _, request_, _, _ in SERVE_CASES:
         assert _send(client, request_).status_code < 500
-    assert replica_states("main") == {"RUNNING": 1}
-    assert replica_states("main", "MedFusionIngress") == {"RUNNING": 1}
+    assert replica_states(f"main-{layout}") == {"RUNNING": 1}
+    assert replica_states(f"main-{layout}", "MedFusionIngress") == ({"RUNNING": 1} if layout == "split" else {})
 
 
-def test_full_queue_answers_503_with_retry_after(deploy, tiny_export):
+def test_full_queue_answers_503_with_retry_after(deploy, tiny_export, layout):
     """One replica, batches of 1, 2 queued per caller: a burst of 48 overflows and is told to retry."""
     url = deploy(
-        "tight", model=tiny_export.uri, num_cpus=0.25, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=2,
-        autoscaling={"min_replicas": 1, "max_replicas": 1},
+        f"tight-{layout}", model=tiny_export.uri, num_cpus=0.25, max_batch_size=1, max_ongoing_requests=1,
+        max_queued_requests=2, autoscaling={"min_replicas": 1, "max_replicas": 1}, ingress_replicas=LAYOUTS[layout],
     )
     from medfusion.bench.serve import encode_multipart, run_load
 
@@ -103,8 +116,9 @@ def test_full_queue_answers_503_with_retry_after(deploy, tiny_export):
                       on_response=lambda r: refused.append(r) if r.status_code == 503 else None)
     assert set(result.statuses) <= {200, 503} and result.transport_errors == 0, result.statuses
     assert result.statuses[503] > 0 and result.statuses[200] > 0
-    assert {r.text for r in refused if not r.text.startswith("{")} == set()
-    assert {r.json()["error"] for r in refused} == {"overloaded"}
     assert {r.headers.get("retry-after") for r in refused} == {"1"}
+    if layout == "split":  # the ingress answers in the API's JSON; combined, Serve's proxy answers in its text
+        assert {r.text for r in refused if not r.text.startswith("{")} == set()
+        assert {r.json()["error"] for r in refused} == {"overloaded"}
     with httpx.Client(timeout=30) as client:  # and it recovers at once
         assert client.post(f"{url}/v1/predict", content=body, headers={"content-type": content_type}).status_code == 200
