@@ -3,7 +3,8 @@
 All three answer the same request (a synthetic PNG + note, the same export) in one run:
 
 (a) The Ray Serve application of `medfusion.serve.app` on an embedded Ray: dynamic batching in the
-    model deployment, `model_replicas` fixed replicas (no autoscaling, so the figures are comparable).
+    model deployment, `model_replicas` fixed replicas (no autoscaling, so the figures are comparable);
+    once per layout: split (an ingress deployment in front) and combined (the model answers HTTP).
 (b) The same FastAPI app (`medfusion.serving.create_api`: same parsing, validation and logging) in one
     uvicorn process, calling the predictor once per request, without batching.
 (c) The ceiling: `Predictor.predict` on batches of `max_batch_size` in this process (decode, forward
@@ -24,7 +25,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,6 +80,22 @@ def encode_multipart(image: bytes, report: str | None) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+@dataclass
+class Answer:
+    """One response as the load generator read it (what `on_response` callbacks get)."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
 async def closed_loop(
     url: str,
     body: bytes,
@@ -88,39 +105,43 @@ async def closed_loop(
     requests: int,
     max_seconds: float,
     headers: dict[str, str] | None = None,
-    on_response: Callable[[Any], None] | None = None,
+    on_response: Callable[[Answer], None] | None = None,
     timeout_s: float = 60.0,
 ) -> LoadResult:
     """POST `body` to `url` from `concurrency` clients until `requests` were sent or `max_seconds` passed.
 
-    `on_response` is called with each httpx.Response (e.g. to collect model versions or headers).
+    The client is aiohttp: it shares the machine's cores with the servers it measures and costs about
+    a third of httpx's CPU per request. `on_response` is called with each `Answer` (e.g. to collect
+    model versions or headers).
     """
-    import httpx
+    import aiohttp
 
     result = LoadResult()
     sent = 0
     deadline = time.monotonic() + max_seconds
     send_headers = {"content-type": content_type, **(headers or {})}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(session: aiohttp.ClientSession) -> None:
         nonlocal sent
         while sent < requests and time.monotonic() < deadline:
             sent += 1
             start = time.perf_counter()
             try:
-                response = await client.post(url, content=body, headers=send_headers)
-            except httpx.HTTPError:
+                async with session.post(url, data=body, headers=send_headers) as response:
+                    content = await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 result.transport_errors += 1
                 continue
             result.latencies_s.append(time.perf_counter() - start)
-            result.statuses[response.status_code] += 1
+            result.statuses[response.status] += 1
             if on_response is not None:
-                on_response(response)
+                on_response(Answer(response.status, response.headers, content))
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(session) for _ in range(concurrency)))
         result.seconds = time.perf_counter() - start
     return result
 
@@ -161,7 +182,7 @@ def _request_sample(cfg: ServeBenchConfig) -> tuple[bytes, str | None]:
     return sample.image, sample.report if cfg.with_report else None
 
 
-def _serve_config(cfg: ServeBenchConfig, uri: str) -> ServeConfig:
+def _serve_config(cfg: ServeBenchConfig, uri: str, layout: str = "split") -> ServeConfig:
     return load_config(
         ServeConfig,
         base={
@@ -172,6 +193,7 @@ def _serve_config(cfg: ServeBenchConfig, uri: str) -> ServeConfig:
             "max_queued_requests": -1,  # a closed loop never exceeds its concurrency
             "torch_threads": 1,
             "num_cpus": 1.0,
+            "ingress_replicas": 0 if layout == "combined" else 1,
             "autoscaling": {"min_replicas": cfg.model_replicas, "max_replicas": cfg.model_replicas},
         },
     )
@@ -241,8 +263,8 @@ def _wait_ready(base_url: str, timeout_s: float = 120.0) -> None:
 
 def _measure(base_url: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, float]]:
     url = f"{base_url}/v1/predict"
-    if cfg.warmup_requests:
-        warmup = min(8, cfg.warmup_requests)
+    if cfg.warmup_requests:  # at the first level's concurrency: the batch pacer sizes batches to recent load
+        warmup = min(min(cfg.concurrency), cfg.warmup_requests)
         run_load(url, body, content_type, concurrency=warmup, requests=cfg.warmup_requests, max_seconds=cfg.max_seconds)
     return {
         c: run_load(url, body, content_type, concurrency=c, requests=cfg.requests, max_seconds=cfg.max_seconds).summary()
@@ -250,7 +272,9 @@ def _measure(base_url: str, body: bytes, content_type: str, cfg: ServeBenchConfi
     }
 
 
-def _serve_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, float]]:
+def _serve_app(
+    uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig, layout: str
+) -> dict[int, dict[str, float]]:
     import ray
     from ray import serve
 
@@ -260,7 +284,7 @@ def _serve_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) 
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(_serve_config(cfg, uri)), name="bench", route_prefix="/", blocking=False)
+        serve.run(build_app(_serve_config(cfg, uri, layout)), name="bench", route_prefix="/", blocking=False)
         _wait_ready(f"http://127.0.0.1:{port}")
         return _measure(f"http://127.0.0.1:{port}", body, content_type, cfg)
     finally:
@@ -285,39 +309,50 @@ def _plain_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) 
         process.join(timeout=10)
 
 
+SYSTEM_NAMES = {"split": "serve", "combined": "serve_combined"}
+
+
 def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
-    """Run (c), (b) and (a) and return the benchmark JSON object (DESIGN.md); prints a table first."""
+    """Run (c), (b) and (a) and return the benchmark JSON object (DESIGN.md); prints a table first.
+
+    (a) runs once per layout in `cfg.layouts`: ``serve`` (split: ingress + model deployments) and
+    ``serve_combined`` (the model replicas answer HTTP).
+    """
     with tempfile.TemporaryDirectory(prefix="medfusion-bench-serve-") as tmp:
         uri = cfg.model or write_tiny_export(os.path.join(tmp, "export"))
         image, report = _request_sample(cfg)
         body, content_type = encode_multipart(image, report)
         offline = _offline(uri, image, report, cfg)
-        plain = _plain_app(uri, body, content_type, cfg)
-        served = _serve_app(uri, body, content_type, cfg)
+        systems = {"plain": _plain_app(uri, body, content_type, cfg)}
+        for layout in cfg.layouts:
+            systems[SYSTEM_NAMES[layout]] = _serve_app(uri, body, content_type, cfg, layout)
 
     figures: dict[str, dict[str, Any]] = {
         "offline_items_per_s": {"value": round(offline["items_per_s"], 1), "unit": "items/s"},
         "offline_single_item_ms": {"value": round(offline["single_ms"], 2), "unit": "ms"},
     }
-    print(f"{'system':<10}{'conc':>6}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    for name, results in (("serve", served), ("plain", plain)):
+    print(f"{'system':<16}{'conc':>6}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for name, results in systems.items():
         for c, s in results.items():
             latencies = "".join(f"{s[f'{q}_ms']:>10.1f}" for q in ("p50", "p95", "p99"))
-            print(f"{name:<10}{c:>6}{s['rps']:>10.1f}{latencies}{s['errors']:>8}")
+            print(f"{name:<16}{c:>6}{s['rps']:>10.1f}{latencies}{s['errors']:>8}")
             figures[f"{name}_c{c}_rps"] = {"value": round(s["rps"], 1), "unit": "req/s"}
             for q in ("p50", "p95", "p99"):
                 figures[f"{name}_c{c}_{q}_ms"] = {"value": round(s[f"{q}_ms"], 2), "unit": "ms"}
             figures[f"{name}_c{c}_errors"] = {"value": s["errors"], "unit": "requests"}
     print(f"offline ceiling {offline['items_per_s']:.1f} items/s; one item {offline['single_ms']:.2f} ms")
     top, low = max(cfg.concurrency), min(cfg.concurrency)
-    ratios = {
-        f"serve_vs_plain_c{c}": round(served[c]["rps"] / max(plain[c]["rps"], 1e-9), 3) for c in cfg.concurrency
-    }
-    ratios[f"serve_vs_offline_c{top}"] = round(served[top]["rps"] / max(offline["items_per_s"], 1e-9), 3)
-    figures[f"serve_c{low}_p50_minus_forward_ms"] = {
-        "value": round(served[low]["p50_ms"] - offline["single_ms"], 2),
-        "unit": "ms",
-    }
+    plain = systems["plain"]
+    ratios: dict[str, float] = {}
+    for name in (SYSTEM_NAMES[layout] for layout in cfg.layouts):
+        served = systems[name]
+        for c in cfg.concurrency:
+            ratios[f"{name}_vs_plain_c{c}"] = round(served[c]["rps"] / max(plain[c]["rps"], 1e-9), 3)
+        ratios[f"{name}_vs_offline_c{top}"] = round(served[top]["rps"] / max(offline["items_per_s"], 1e-9), 3)
+        figures[f"{name}_c{low}_p50_minus_forward_ms"] = {
+            "value": round(served[low]["p50_ms"] - offline["single_ms"], 2),
+            "unit": "ms",
+        }
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     return {"bench": "serve", "config": {**asdict(cfg), "cores": os.cpu_count()}, "figures": figures, "ratios": ratios}
 
