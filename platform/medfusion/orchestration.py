@@ -531,15 +531,15 @@ def log_evaluation(result: Mapping[str, Any], metrics: Any, classification: Any,
 
 
 def write_leaderboard(artifact: Any, leaderboard_uri: str, max_rows: int = 50) -> None:
-    """Tune's leaderboard.json (a list of trial records, best first, or ``{"trials": [...]}``) as a
-    Markdown table in a KFP Markdown artifact."""
+    """Tune's leaderboard.json as a KFP Markdown artifact: the table `medfusion tune` prints (rank,
+    trial, fusion, searched settings, metrics, objective, epochs, early stop, status), best first."""
+    from medfusion.tuning.results import leaderboard_table
+
     data = json.loads(storage.read_text(leaderboard_uri))
-    trials = data.get("trials", []) if isinstance(data, dict) else data
-    columns = sorted({k for t in trials for k, v in t.items() if isinstance(v, (str, int, float, bool))})
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(t.get(c, "")) for c in columns) + " |" for t in trials[:max_rows]]
+    trials = data.get("trials", [])
+    table = leaderboard_table(trials[:max_rows], list(data.get("search_space", {})), list(data.get("pareto_metrics", [])))
     Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(artifact.path).write_text(f"Leaderboard ({len(trials)} trials, best first): {leaderboard_uri}\n\n" + "\n".join(lines) + "\n")
+    Path(artifact.path).write_text(f"Leaderboard ({len(trials)} trials, best first): {leaderboard_uri}\n\n```\n{table}\n```\n")
     artifact.metadata["uri"] = leaderboard_uri
 
 
@@ -701,7 +701,8 @@ def sample_request(dataset_uri: str, split: str = "test") -> dict[str, Any]:
 
 def smoke_test(url: str, request: Mapping[str, Any], token: str = "", timeout_s: float = 300.0) -> dict[str, Any]:
     """Wait until the application at `url` is ready, then check what a client sees: model info, a
-    prediction for `request`, and (when a token is set) a 401 without it. Returns the prediction.
+    prediction for `request`, and (when a token is set) a 401 without it. Returns the prediction
+    without its attention maps (the step's output, printed by the KFP runner: a few lines, not pages).
 
     Raises:
         JobError: naming the endpoint and the answer that was wrong.
@@ -732,7 +733,7 @@ def smoke_test(url: str, request: Mapping[str, Any], token: str = "", timeout_s:
     missing = [k for k in ("labels", "box", "findings") if k not in prediction]
     if missing or not prediction["labels"]:
         raise JobError(f"smoke test {url}: POST /v1/predict lacks {missing or ['labels']}: {str(prediction)[:300]}")
-    return prediction
+    return {k: v for k, v in prediction.items() if not k.endswith("_attention")}
 
 
 @contextmanager

@@ -81,6 +81,7 @@ def test_pipeline_runs_end_to_end_and_deploys_when_the_gate_passes(passing_run):
     # the smoke test served it and got a prediction for a real test image
     prediction = _executor_output(run_dir, "smoke-test")["parameterValues"]["Output"]
     assert prediction["labels"] and isinstance(prediction["findings"], str) and "box" in prediction
+    assert not [k for k in prediction if k.endswith("_attention")]  # the step's printed output stays short
 
 
 def test_gate_blocks_deploy_when_the_threshold_is_above_the_reached_metric(passing_run, kfp_local):

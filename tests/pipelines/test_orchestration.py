@@ -118,6 +118,21 @@ def test_artifacts_carry_the_data_uri_and_no_numbers_in_metadata(tmp_path):
     assert logged == {"best_value": 0.5, "epochs_run": 2.0, "test_accuracy": 0.7}
 
 
+def test_leaderboard_artifact_is_the_cli_table(tmp_path):
+    trial = {"rank": 1, "trial_id": "t1", "fusion": "gated", "params": {"model.fusion": "gated", "lr": 0.003},
+             "val_accuracy": 0.7, "objective": 1.2, "epochs_run": 4, "stopped_early": False, "status": "TERMINATED",
+             "config_dump": {"deep": 1}}  # fmt: skip
+    board = {"search_space": {"model.fusion": "choice", "lr": "loguniform"}, "pareto_metrics": ["val_accuracy"],
+             "trials": [trial, {**trial, "rank": 2, "trial_id": "t2", "fusion": "concat", "stopped_early": True}]}  # fmt: skip
+    (tmp_path / "leaderboard.json").write_text(json.dumps(board))
+    artifact = _Artifact(tmp_path / "out" / "leaderboard")
+    o.write_leaderboard(artifact, str(tmp_path / "leaderboard.json"))
+    text = (tmp_path / "out" / "leaderboard").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("#"))
+    assert header.split()[:4] == ["#", "trial", "fusion", "lr"] and "objective" in header and "config_dump" not in text
+    assert text.index("t1") < text.index("t2") and "2 trials" in text and artifact.metadata["uri"].endswith("leaderboard.json")
+
+
 def test_pipeline_config_from_cli_overrides():
     from medfusion.config import load_config
 
