@@ -200,6 +200,9 @@ class ModelConfig:
     """Channels of each ResNet stage; each stage halves the resolution."""
     cnn_blocks: int = 1
     """Residual blocks per stage."""
+    stem_stride: int = 1
+    """Stride of the stem convolution: 2 halves the resolution before the first stage, a quarter of
+    the CNN's compute (the `small` preset at 128 px)."""
     embed_dim: int = 64
     """Token embedding size."""
     hidden_dim: int = 64
@@ -220,6 +223,8 @@ class ModelConfig:
     """Sigmoid multi-label head instead of softmax (set from the dataset manifest)."""
     loss_cls: float = 1.0
     """Weight of the classification loss."""
+    box_refine_steps: int = 2
+    """Steps of the box refiner, which looks again at the pixels around the box (0: no refiner)."""
     loss_box: float = 1.0
     """Weight of the localization loss (L1 + GIoU + objectness)."""
     loss_text: float = 0.5
@@ -234,6 +239,9 @@ class ModelConfig:
         _check(self.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {self.in_channels}")
         _check(len(self.cnn_widths) >= 1 and all(w > 0 for w in self.cnn_widths), "model.cnn_widths", "must be positive")
         _check(self.cnn_blocks >= 1, "model.cnn_blocks", "must be >= 1")
+        refine_steps = self.box_refine_steps
+        _check(0 <= refine_steps <= 4, "model.box_refine_steps", f"must be in [0, 4], got {refine_steps}")
+        _check(self.stem_stride in (1, 2), "model.stem_stride", f"must be 1 or 2, got {self.stem_stride}")
         _check(self.embed_dim > 0 and self.hidden_dim > 0, "model.embed_dim/hidden_dim", "must be > 0")
         _check(self.fusion in FUSIONS, "model.fusion", f"must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         _check(self.attention_heads >= 1, "model.attention_heads", "must be >= 1")

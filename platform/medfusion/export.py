@@ -34,7 +34,8 @@ from medfusion.config import ConfigError, ModelConfig, load_config, to_dict
 from medfusion.data.tokenizer import Tokenizer
 from medfusion.models import MedFusionModel, build_model, count_parameters
 
-FORMAT_VERSION = 1
+# 2: the box head predicts a box per image region (heads.BoxHead); version-1 weights do not fit it.
+FORMAT_VERSION = 2
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

@@ -20,6 +20,7 @@ from medfusion.models import (
     preset_config,
     xyxy_to_cxcywh,
 )
+from medfusion.models.heads import _regions_inside, box_losses
 
 # Grid side at 64 px: every ResNet stage halves the resolution.
 GRID = {"medfusion_tiny": 8, "medfusion_small": 4, "medfusion_base": 4}
@@ -45,6 +46,10 @@ def test_forward_shapes(synth_data, name, fusion):
         "logits": (3, classes),
         "box": (3, 4),
         "objectness": (3,),
+        "region_boxes": (3, grid * grid, 4),
+        "box_logits": (3, grid * grid),
+        "coarse_box": (3, 4),
+        "refined_boxes": (3, 2, 4),
         "image_attention": (3, grid, grid),
         "box_attention": (3, grid, grid),
         "note_attention": tuple(batch["report_ids"].shape),
@@ -58,7 +63,9 @@ def test_forward_shapes(synth_data, name, fusion):
     assert torch.allclose(out["image_attention"].sum(dim=(1, 2)), torch.ones(3), atol=1e-5)
     assert ((out["box"] >= 0) & (out["box"] <= 1)).all()
     total, parts = model.loss(batch, out)
-    assert torch.isfinite(total) and set(parts) == {"cls", "box_l1", "box_giou", "objectness", "box", "text", "total"}
+    assert torch.isfinite(total) and set(parts) == {
+        "cls", "box_l1", "box_giou", "objectness", "box_dense", "box_focus", "box_refine", "box", "text", "total"
+    }  # fmt: skip
     generated = model.generate(batch, beam_size=2, max_len=6)
     assert generated.shape == (3, 6) and generated.dtype == torch.long
 
@@ -190,6 +197,43 @@ def test_box_iou_and_giou(a, b, iou, giou):
     assert paired_iou(a_t, b_t)[0].item() == pytest.approx(iou, abs=1e-5)
     assert paired_giou(a_t, b_t).item() == pytest.approx(giou, abs=1e-5)
     assert torch.allclose(cxcywh_to_xyxy(xyxy_to_cxcywh(a_t)), a_t)
+
+
+def test_box_losses_supervise_the_regions_inside_the_box():
+    """On a 4x4 grid, the regions whose centre lies inside the true box (and, for a box smaller than
+    a cell, only the one nearest its centre) regress it and draw the attention; images without a
+    lesion add nothing to the dense terms."""
+    target = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.60, 0.60, 0.65, 0.65], [0.0, 0.0, 0.0, 0.0]])
+    has_box = torch.tensor([1.0, 1.0, 0.0])
+    inside = _regions_inside(target, has_box > 0.5, 16)
+    assert inside[0].nonzero().flatten().tolist() == [0, 1, 4, 5]  # the top-left quarter
+    assert inside[1].nonzero().flatten().tolist() == [10]  # centre (0.625, 0.625): row 2, column 2
+    assert not inside[2].any()
+
+    perfect = target.unsqueeze(1).expand(-1, 16, -1).clone()
+    focused = torch.where(inside, 20.0, -20.0)
+    box = xyxy_to_cxcywh(target)
+    exact = box_losses(box, torch.tensor([9.0, 9.0, -9.0]), target, has_box, perfect, focused)
+    assert exact["box_dense"].item() == pytest.approx(0.0, abs=1e-4)
+    assert exact["box_focus"].item() == pytest.approx(0.0, abs=1e-3)
+    wrong = perfect.clone()
+    wrong[2] = 0.5  # no lesion in image 2: its region boxes do not count
+    no_objectness = torch.zeros(3)
+    dense = box_losses(box, no_objectness, target, has_box, wrong, focused)["box_dense"]
+    assert dense.item() == pytest.approx(0.0, abs=1e-4)
+    wrong[0, 0] = torch.tensor([0.5, 0.5, 1.0, 1.0])  # an inside region off the box does
+    assert box_losses(box, no_objectness, target, has_box, wrong, focused)["box_dense"].item() > 0.5
+    assert box_losses(box, no_objectness, target, has_box, perfect, -focused)["box_focus"].item() > 10
+
+
+def test_stem_stride_halves_the_grid(synth_data):
+    batch = synth_data.batch(0, 2)
+    vocab, classes = len(synth_data.tokenizer), len(synth_data.classes)
+    for stride, grid in ((1, 8), (2, 4)):
+        out = create_model("medfusion_tiny", vocab, classes, stem_stride=stride).eval()(batch)
+        assert out["box_attention"].shape == (2, grid, grid)
+    with pytest.raises(ConfigError, match="model.stem_stride"):
+        ModelConfig(stem_stride=4)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -6,7 +6,15 @@ Imports torch and nothing heavier; building a model does no I/O.
 from medfusion.models.boxes import cxcywh_to_xyxy, paired_giou, paired_iou, xyxy_to_cxcywh
 from medfusion.models.decoder import FindingsDecoder
 from medfusion.models.fusion import build_fusion
-from medfusion.models.heads import BoxHead, ClassificationHead, box_losses, classification_loss, text_loss
+from medfusion.models.heads import (
+    BoxHead,
+    BoxOutput,
+    BoxRefiner,
+    ClassificationHead,
+    box_losses,
+    classification_loss,
+    text_loss,
+)
 from medfusion.models.image_encoder import ImageEncoder, ImageFeatures
 from medfusion.models.model import MedFusionModel, build_model, count_parameters, to_tensors
 from medfusion.models.registry import MODEL_REGISTRY, create_model, list_models, preset_config, register_model
@@ -15,6 +23,8 @@ from medfusion.models.text_encoder import NoteEncoder, NoteFeatures
 __all__ = [
     "MODEL_REGISTRY",
     "BoxHead",
+    "BoxOutput",
+    "BoxRefiner",
     "ClassificationHead",
     "FindingsDecoder",
     "ImageEncoder",

@@ -88,7 +88,7 @@ class ImageFeatures:
 
 
 class ImageEncoder(nn.Module):
-    """ResNet-style CNN: (B, C, S, S) -> ImageFeatures with R = (S / 2**len(widths))**2 regions.
+    """ResNet-style CNN: (B, C, S, S) -> ImageFeatures with R = (S / (stem_stride * 2**len(widths)))**2 regions.
 
     Args:
         in_channels: 1 (grayscale) or 3 (RGB).
@@ -96,12 +96,17 @@ class ImageEncoder(nn.Module):
         blocks: residual blocks per stage.
         out_dim: width D of the region features and the pooled vector.
         dropout: dropout on the region features.
+        stem_stride: 2 halves the resolution in the stem, before the first stage.
     """
 
-    def __init__(self, in_channels: int, widths: list[int], blocks: int, out_dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, widths: list[int], blocks: int, out_dim: int, dropout: float = 0.0, stem_stride: int = 1
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), _norm(widths[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, widths[0], 3, stride=stem_stride, padding=1, bias=False),
+            _norm(widths[0]),
+            nn.ReLU(inplace=True),
         )
         stages: list[nn.Module] = []
         channels = widths[0]

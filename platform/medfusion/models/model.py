@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from medfusion.config import ModelConfig
 from medfusion.models.decoder import FindingsDecoder
 from medfusion.models.fusion import build_fusion
-from medfusion.models.heads import BoxHead, ClassificationHead, box_losses, classification_loss, text_loss
+from medfusion.models.heads import BoxHead, BoxRefiner, ClassificationHead, box_losses, classification_loss, text_loss
 from medfusion.models.image_encoder import ImageEncoder, ImageFeatures
 from medfusion.models.text_encoder import PAD_ID, NoteEncoder, NoteFeatures
 
@@ -38,6 +38,7 @@ class MedFusionModel(nn.Module):
     note_encoder: note ids -> NoteFeatures; None for the image_only ablation.
     fusion: (ImageFeatures, NoteFeatures | None) -> fused (B, D).
     classifier, box_head, decoder: the task heads.
+    box_refiner: moves the box head's box onto the lesion's edges in the pixels; None: no refiner.
     multi_label: sigmoid/BCE classification instead of softmax/CE.
     modality_dropout: training only, probability of hiding a sample's note.
     loss_weights: weights of the "cls", "box" and "text" losses.
@@ -52,6 +53,7 @@ class MedFusionModel(nn.Module):
         classifier: ClassificationHead,
         box_head: BoxHead,
         decoder: FindingsDecoder,
+        box_refiner: BoxRefiner | None = None,
         *,
         multi_label: bool = False,
         modality_dropout: float = 0.0,
@@ -66,6 +68,7 @@ class MedFusionModel(nn.Module):
         self.classifier = classifier
         self.box_head = box_head
         self.decoder = decoder
+        self.box_refiner = box_refiner
         self.multi_label = multi_label
         self.modality_dropout = modality_dropout
         self.loss_weights = {"cls": 1.0, "box": 1.0, "text": 1.0, **(loss_weights or {})}
@@ -92,7 +95,9 @@ class MedFusionModel(nn.Module):
         return image_features, note_features, self.fusion(image_features, note_features)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Outputs: logits (B, C), box (B, 4) normalized cxcywh, objectness (B,) logits,
+        """Outputs: logits (B, C), box (B, 4) normalized cxcywh, objectness (B,) logits, region_boxes
+        (B, R, 4) normalized xyxy and box_logits (B, R) (the box head's, for its dense losses),
+        with a refiner coarse_box (B, 4) (the box head's) and refined_boxes (B, steps, 4) (box is the last),
         image_attention / box_attention (B, h, w), note_attention (B, Tr), fused (B, D), regions (B, R, D),
         and with `findings_ids` in the batch: decoder_logits (B, Tf-1, V), decoder_attention (B, Tf-1, R)."""
         # Under DeepSpeed bf16 the weights are bf16 while batches arrive as float32.
@@ -104,16 +109,22 @@ class MedFusionModel(nn.Module):
             report_ids = report_ids * keep.unsqueeze(1)
         image_features, note_features, fused = self.encode(image, report_ids)
         batch_size, (height, width) = image.shape[0], image_features.grid
-        box, objectness, box_attention = self.box_head(fused, image_features)
+        box = self.box_head(fused, image_features)
         out = {
             "logits": self.classifier(fused),
-            "box": box,
-            "objectness": objectness,
+            "box": box.box,
+            "objectness": box.objectness,
+            "region_boxes": box.region_boxes,
+            "box_logits": box.attention_logits,
             "image_attention": image_features.attention.reshape(batch_size, height, width),
-            "box_attention": box_attention.reshape(batch_size, height, width),
+            "box_attention": box.attention.reshape(batch_size, height, width),
             "fused": fused,
             "regions": image_features.regions,
         }
+        if self.box_refiner is not None:
+            out["coarse_box"] = box.box
+            out["refined_boxes"] = self.box_refiner(image, box.box)
+            out["box"] = out["refined_boxes"][:, -1]
         if note_features is not None:
             out["note_attention"] = note_features.weights
         elif report_ids is not None:
@@ -125,12 +136,13 @@ class MedFusionModel(nn.Module):
         return out
 
     def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted sum of classification, box (L1 + GIoU + objectness) and findings losses.
+        """Weighted sum of classification, box (L1 + GIoU + objectness + dense terms) and findings losses.
 
         Returns the total (with grad) and every part, detached, including "total".
         """
         parts = {"cls": classification_loss(out["logits"], batch["labels"], self.multi_label)}
-        parts.update(box_losses(out["box"], out["objectness"], batch["box"], batch["has_box"]))
+        box_args = (out.get("coarse_box", out["box"]), out["objectness"], batch["box"], batch["has_box"])
+        parts.update(box_losses(*box_args, out.get("region_boxes"), out.get("box_logits"), out.get("refined_boxes")))
         total = self.loss_weights["cls"] * parts["cls"] + self.loss_weights["box"] * parts["box"]
         if "decoder_logits" in out:
             parts["text"] = text_loss(out["decoder_logits"], batch["findings_ids"], PAD_ID)
@@ -181,12 +193,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> MedFusio
     if cfg.fusion != "image_only":
         note_encoder = NoteEncoder(vocab_size, cfg.embed_dim, cfg.hidden_dim, dim, cfg.dropout)
     model = MedFusionModel(
-        image_encoder=ImageEncoder(cfg.in_channels, list(cfg.cnn_widths), cfg.cnn_blocks, dim, cfg.dropout),
+        image_encoder=ImageEncoder(
+            cfg.in_channels, list(cfg.cnn_widths), cfg.cnn_blocks, dim, cfg.dropout, stem_stride=cfg.stem_stride
+        ),
         note_encoder=note_encoder,
         fusion=build_fusion(cfg.fusion, dim, rank=cfg.bilinear_rank, heads=cfg.attention_heads, dropout=cfg.dropout),
         classifier=ClassificationHead(dim, num_classes, cfg.dropout),
         box_head=BoxHead(dim, cfg.dropout),
         decoder=FindingsDecoder(vocab_size, cfg.embed_dim, cfg.decoder_dim, dim, cfg.dropout),
+        box_refiner=BoxRefiner(cfg.box_refine_steps) if cfg.box_refine_steps else None,
         multi_label=cfg.multi_label,
         modality_dropout=cfg.modality_dropout,
         loss_weights={"cls": cfg.loss_cls, "box": cfg.loss_box, "text": cfg.loss_text},
