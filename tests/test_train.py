@@ -83,7 +83,8 @@ def test_missing_dataset_fails_before_any_worker_starts(tmp_path, monkeypatch):
 
 def test_preset_fills_model_and_data_and_overrides_win():
     cfg = load_train_config(preset="small", overrides=["data.batch_size=8", "model.fusion=cross_attention"])
-    assert (cfg.model.preset, cfg.model.cnn_widths, cfg.data.image_size) == ("small", [32, 64, 128, 192], 128)
+    model = (cfg.model.preset, cfg.model.stem_stride, cfg.model.cnn_widths, cfg.data.image_size)
+    assert model == ("small", 2, [48, 96, 192], 128)
     assert (cfg.data.batch_size, cfg.model.fusion, cfg.mode) == (8, "cross_attention", "min")
     assert load_config(TrainConfig, overrides=["select_metric=val_accuracy"]).mode == "max"
 
