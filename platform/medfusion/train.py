@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -294,8 +295,10 @@ def ensure_ray(cfg: TrainConfig, *, dashboard: bool = False, cpus: float = 0.0) 
     # address="local": a new embedded Ray, even when a `ray start` cluster on this machine would
     # otherwise capture a plain ray.init().
     needed = math.ceil(max(cpus, cfg.num_workers * cfg.cpus_per_worker)) + 1  # + 1 for Ray Data's read/preprocess tasks
-    # With the dashboard (Tune) every worker pins RAY_ADDRESS to its own cluster (pin_ray_address).
-    runtime_env = {"worker_process_setup_hook": "medfusion.train.pin_ray_address"} if dashboard else None
+    # Every worker pins RAY_ADDRESS to its own cluster (pin_ray_address); without the dashboard,
+    # Ray Train's placement-group cleaner is muted as well (quiet_placement_group_cleaner).
+    hook = "pin_ray_address" if dashboard else "quiet_placement_group_cleaner"
+    runtime_env = {"worker_process_setup_hook": f"medfusion.train.{hook}"}
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=dashboard,
              configure_logging=False, runtime_env=runtime_env)  # fmt: skip
     return True
@@ -312,6 +315,20 @@ def pin_ray_address() -> None:
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of an embedded Ray without the dashboard: mute Ray Train's placement-group
+    cleaner.
+
+    The cleaner asks the State API, which the dashboard serves, whether the run's controller is
+    still alive, and warns every time nothing answers: about one line a second, thousands over an
+    hour's run. An embedded Ray ends with the process that started it, and its placement groups
+    with it, so the cleaner has nothing to do here. RAY_ADDRESS is pinned as well: without it the
+    cleaner's look-up fails outright on a machine running another Ray.
+    """
+    pin_ray_address()
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:

@@ -23,6 +23,7 @@ import resource
 import signal
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -282,6 +283,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load_config(TrainConfig, base=job["train"])
     objective = load_config(ObjectiveConfig, base=job.get("objective") or {})
+    # Ray Data hands out read-only views of its object store, which torch warns about once per
+    # worker; the model never writes to its inputs.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     rank, world = _world()
     torch.set_num_threads(job.get("threads") or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
