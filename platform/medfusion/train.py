@@ -338,6 +338,9 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in _AWS_ENV if os.environ.get(k)}
     # Explicit both ways: a driver started with DS_ACCELERATOR=cpu must not pin GPU workers to CPU.
     env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
+    # Ray Train's print patch sends a worker's print both to the root logger and, as Ray workers'
+    # stdout is wrapped, to stdout too: every progress line reached the console twice.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     return env
 
 
