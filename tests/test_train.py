@@ -126,6 +126,14 @@ def test_deepspeed_config_follows_train_config():
     assert "gradient_clipping" not in DeepSpeedEngine.deepspeed_config(load_config(TrainConfig, overrides=["clip=0"]), "fp32")
 
 
+def test_workers_print_each_line_once_on_the_accelerator_of_the_config():
+    from medfusion.train import worker_env
+
+    cpu = worker_env(load_train_config(preset="tiny", overrides=["dataset_uri=/nowhere"]))
+    assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    assert worker_env(load_train_config(preset="tiny", overrides=["dataset_uri=/nowhere", "use_gpu=true"]))["DS_ACCELERATOR"] == "cuda"
+
+
 def test_job_command_line_carries_the_whole_config():
     cfg = load_train_config(preset="tiny", overrides=["dataset_uri=s3://b/d", "name=r1", "ray_address=http://h:8265", "model.fusion=concat"])
     assert load_config(TrainConfig, overrides=config_overrides(cfg)) == cfg
