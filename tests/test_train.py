@@ -99,18 +99,20 @@ def test_warmup_schedule(schedule, step, expected):
 
 
 @pytest.mark.parametrize(
-    "values, mode, patience, best_epoch, stopped_after",
+    "values, mode, patience, best_epoch, stopped_after, losses",
     [
-        ([3.0, 2.0, 2.5, 2.4, 1.0], "min", 2, 1, 4),  # two epochs without improvement: stop
-        ([3.0, 2.0, 2.5, 1.5, 1.0], "min", 2, 4, None),  # improvement resets the count
-        ([0.2, 0.5, 0.4, 0.6, 0.1], "max", 0, 3, None),  # patience 0 never stops
-        ([float("nan"), 0.3, 0.3, 0.3, 0.3], "max", 3, 1, None),  # NaN never wins; the stop would be the last epoch
+        ([3.0, 2.0, 2.5, 2.4, 1.0], "min", 2, 1, 4, None),  # two epochs without improvement: stop
+        ([3.0, 2.0, 2.5, 1.5, 1.0], "min", 2, 4, None, None),  # improvement resets the count
+        ([0.2, 0.5, 0.4, 0.6, 0.1], "max", 0, 3, None, None),  # patience 0 never stops
+        ([float("nan"), 0.3, 0.3, 0.3, 0.3], "max", 3, 1, None, None),  # NaN never wins; the stop would be the last epoch
+        ([0.9, 0.99, 0.99, 0.99, 0.98], "max", 2, 3, None, [5.0, 4.0, 3.0, 2.0, 1.0]),  # a tie goes to the lower val_loss
+        ([0.9, 0.99, 0.99, 0.99, 0.98], "max", 2, 1, 4, [5.0, 4.0, 4.0, 4.5, 1.0]),  # ...not to a higher one
     ],
 )
-def test_best_epoch_and_early_stopping(values, mode, patience, best_epoch, stopped_after):
+def test_best_epoch_and_early_stopping(values, mode, patience, best_epoch, stopped_after, losses):
     state, stopped = TrainingState(), None
     for epoch, value in enumerate(values):
-        state.record(epoch, value, mode, patience, epochs=len(values))
+        state.record(epoch, value, mode, patience, epochs=len(values), loss=losses[epoch] if losses else None)
         if state.stopped_early:
             stopped = state.epoch
             break
