@@ -162,8 +162,8 @@ def box_losses(
     """L1 and GIoU losses on images that have a lesion, BCE objectness on all images, and, given the
     head's region boxes and attention logits, the dense terms: every region whose centre lies inside
     the true box (and the one nearest its centre, for boxes smaller than a cell) regresses that box
-    ("box_dense"), and the attention's divergence from those regions ("box_focus"). Given the
-refiner's boxes, their L1 and GIoU losses, summed over its steps ("box_refine").
+        ("box_dense"), and the attention's divergence from those regions ("box_focus"). Given the
+    refiner's boxes, their L1 and GIoU losses, summed over its steps ("box_refine").
 
     Args:
         box: (B, 4) predicted normalized cxcywh.
@@ -174,28 +174,21 @@ refiner's boxes, their L1 and GIoU losses, summed over its steps ("box_refine").
         attention_logits: (B, R).
         refined: (B, steps, 4) normalized cxcywh.
     """
+    pred_xyxy = cxcywh_to_xyxy(box)  # (B, 4)
     target_xyxy, has_box = target_xyxy.to(box.dtype), has_box.to(box.dtype)
     count = has_box.sum().clamp(min=1.0)
-
-    def l1_and_giou(pred_cxcywh: Tensor) -> tuple[Tensor, Tensor]:
-        pred_xyxy = cxcywh_to_xyxy(pred_cxcywh)
-        l1 = ((pred_xyxy - target_xyxy).abs().sum(-1) * has_box).sum() / count
-        return l1, ((1.0 - paired_giou(pred_xyxy, target_xyxy)) * has_box).sum() / count
-
-    l1, giou = l1_and_giou(box)
+    l1 = ((pred_xyxy - target_xyxy).abs().sum(-1) * has_box).sum() / count
+    giou = ((1.0 - paired_giou(pred_xyxy, target_xyxy)) * has_box).sum() / count
     obj = F.binary_cross_entropy_with_logits(objectness, has_box)
     total = BOX_L1_WEIGHT * l1 + BOX_GIOU_WEIGHT * giou + OBJECTNESS_WEIGHT * obj
     out = {"box_l1": l1, "box_giou": giou, "objectness": obj}
     if refined is not None:
-        steps = [l1_and_giou(refined[:, step]) for step in range(refined.shape[1])]
-        out["box_refine"] = sum(BOX_L1_WEIGHT * l1_step + BOX_GIOU_WEIGHT * giou_step for l1_step, giou_step in steps)
+        errors = _box_error(cxcywh_to_xyxy(refined), target_xyxy.unsqueeze(1))  # (B, steps)
+        out["box_refine"] = (errors * has_box.unsqueeze(1)).sum() / count
         total = total + out["box_refine"]
     if region_boxes is not None and attention_logits is not None:
         inside = _regions_inside(target_xyxy, has_box > 0.5, region_boxes.shape[1]).to(box.dtype)  # (B, R)
-        target = target_xyxy.unsqueeze(1).expand_as(region_boxes)
-        per_region = BOX_L1_WEIGHT * (region_boxes - target).abs().sum(-1) + BOX_GIOU_WEIGHT * (
-            1.0 - paired_giou(region_boxes, target)
-        )
+        per_region = _box_error(region_boxes, target_xyxy.unsqueeze(1))  # (B, R)
         out["box_dense"] = (per_region * inside).sum() / inside.sum().clamp(min=1.0)
         # KL(uniform over the inside regions || attention): 0 once the attention is exactly there.
         wanted = inside / inside.sum(-1, keepdim=True).clamp(min=1.0)
@@ -204,6 +197,13 @@ refiner's boxes, their L1 and GIoU losses, summed over its steps ("box_refine").
         total = total + DENSE_WEIGHT * (out["box_dense"] + out["box_focus"])
     out["box"] = total
     return out
+
+
+def _box_error(pred_xyxy: Tensor, target_xyxy: Tensor) -> Tensor:
+    """DETR's weighted L1 + (1 - GIoU) per box: (..., 4), (..., 4) broadcastable -> (...)."""
+    target_xyxy = target_xyxy.expand_as(pred_xyxy)
+    l1 = (pred_xyxy - target_xyxy).abs().sum(-1)
+    return BOX_L1_WEIGHT * l1 + BOX_GIOU_WEIGHT * (1.0 - paired_giou(pred_xyxy, target_xyxy))
 
 
 def _regions_inside(target_xyxy: Tensor, has_box: Tensor, regions: int) -> Tensor:
