@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--samples", type=int, help="N (same as samples=N)")
     bi.set_defaults(func=cmd_bench_ingest)
     bsv = _config_parser(bench_sub, "serve", C.ServeBenchConfig, "Ray Serve (batched) vs plain FastAPI/uvicorn vs the offline model", presets=False)
-    bsv.add_argument("--model", help="export to serve, path or s3:// (default: an untrained tiny export); same as model=")
+    bsv.add_argument("--model", help="export to serve, path or s3:// (default: an untrained export of preset=, tiny unless set); same as model=")
     bsv.set_defaults(func=cmd_bench_serve)
     srv = _config_parser(groups, "serve", C.ServeConfig, "serve a model over HTTP with Ray Serve on the embedded Ray (Ctrl-C stops)", presets=False)
     srv.add_argument("--model", help="export folder (path or s3://), or NAME[:VERSION] from the registry; same as model=")

@@ -489,7 +489,9 @@ class ServeBenchConfig:
     """`medfusion bench serve`: the Serve app (batched) vs plain FastAPI/uvicorn vs offline forward."""
 
     model: str = ""
-    """Export to serve (path or s3://); empty writes an untrained `tiny` export to a temporary folder."""
+    """Export to serve (path or s3://); empty writes an untrained export of `preset` to a temporary folder."""
+    preset: str = "tiny"
+    """Size preset of that untrained export: tiny (the HTTP path dominates on CPU), small or base."""
     requests: int = 400
     """Requests per system and concurrency level (bounded; see also max_seconds)."""
     max_seconds: float = 30.0
@@ -511,8 +513,12 @@ class ServeBenchConfig:
     layouts: list[str] = field(default_factory=lambda: ["split", "combined"])
     """Serve app layouts to measure: split (ingress + model deployments, ingress_replicas=1) and
     combined (the model replicas answer HTTP, ingress_replicas=0)."""
+    http_floor: bool = True
+    """Also measure Serve's HTTP path alone (a replica that answers a fixed JSON): the bound that the
+    machine's cores, not the model, put on the Serve app."""
 
     def __post_init__(self) -> None:
+        _check(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         _check(self.requests >= 10, "requests", f"must be >= 10, got {self.requests}")
         _check(0 < self.max_seconds <= 3_600, "max_seconds", f"must be in (0, 3600], got {self.max_seconds}")
         _check(

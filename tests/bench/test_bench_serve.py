@@ -32,6 +32,19 @@ def test_the_bench_request_is_a_valid_predict_request():
     assert serving._parse_form(body, content_type, ServeLimitsConfig()).report == "cough"
 
 
+def test_the_bench_serves_an_untrained_export_of_its_preset(tmp_path):
+    from medfusion.bench.serve import write_untrained_export
+    from medfusion.config import ConfigError, ServeBenchConfig
+    from medfusion.predictor import Predictor
+
+    uri = write_untrained_export(str(tmp_path / "export"), ServeBenchConfig(preset="small").preset)
+    loaded = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert loaded["model_name"] == "medfusion_small" and loaded["data"]["image_size"] == 128
+    assert len(Predictor.from_export(uri).predict([{"image": _png(), "report": "cough"}])) == 1
+    with pytest.raises(ConfigError, match="preset: must be one of tiny, small, base, got 'huge'"):
+        ServeBenchConfig(preset="huge")
+
+
 class _Echo:
     async def predict(self, item):
         return {"labels": [], "model": {"name": "stub", "version": "0"}}
@@ -98,4 +111,5 @@ def test_bench_prints_its_json_last(tmp_path):
         assert result["figures"][f"{system}_c4_errors"]["value"] == 0
         assert {f"{system}_vs_plain_c1", f"{system}_vs_plain_c4", f"{system}_vs_offline_c4"} <= set(result["ratios"])
     assert result["figures"]["plain_c4_errors"]["value"] == 0 and result["figures"]["offline_items_per_s"]["unit"]
-    assert len(result["ratios"]) == 6
+    assert result["figures"]["serve_floor_c4_errors"]["value"] == 0 and result["figures"]["serve_floor_c4_rps"]["value"] > 0
+    assert len(result["ratios"]) == 7 and result["ratios"]["serve_floor_vs_offline_c4"] > 0

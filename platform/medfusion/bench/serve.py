@@ -1,6 +1,6 @@
 """`medfusion bench serve`: the Serve app (batched) vs a plain FastAPI/uvicorn app vs the offline model.
 
-All three answer the same request (a synthetic PNG + note, the same export) in one run:
+All of them answer the same request (a synthetic PNG + note, the same export) in one run:
 
 (a) The Ray Serve application of `medfusion.serve.app` on an embedded Ray: dynamic batching in the
     model deployment, `model_replicas` fixed replicas (no autoscaling, so the figures are comparable);
@@ -10,6 +10,9 @@ All three answer the same request (a synthetic PNG + note, the same export) in o
 (c) The ceiling: `Predictor.predict` on batches of `max_batch_size` in this process (decode, forward
     and beam search; no HTTP), with the replica's torch threads, times the replicas; and the time of
     one single-item prediction (what a request at concurrency 1 cannot go below).
+(d) Serve's HTTP floor (`http_floor`): one replica that reads the body and answers a fixed JSON, no
+    model. On a few CPU cores this, not the model, can bound (a): (d)/(c) is the best (a)/(c) any Serve
+    app could reach on the machine.
 
 The load generator is closed-loop (each of `concurrency` clients sends its next request when the
 previous one is answered), on loopback, bounded by `requests` and `max_seconds` per level.
@@ -154,8 +157,9 @@ def run_load(url: str, body: bytes, content_type: str, **kwargs: Any) -> LoadRes
 # ------------------------------------------------------------------------------------ the systems
 
 
-def write_tiny_export(uri: str, seed: int = 0) -> str:
-    """An untrained `tiny` export (synthetic vocabulary and classes): what the bench serves by default."""
+def write_untrained_export(uri: str, preset: str = "tiny", seed: int = 0) -> str:
+    """An untrained export of a size preset (synthetic vocabulary and classes): what the bench serves by
+    default. Untrained weights cost what trained ones do; only the answers differ."""
     import torch
 
     from medfusion.config import DataConfig, SynthConfig, preset_values
@@ -168,8 +172,8 @@ def write_tiny_export(uri: str, seed: int = 0) -> str:
     samples = list(synth.generate(synth_cfg))
     tokenizer = Tokenizer.build(s.report + " " + s.findings for s in samples)
     torch.manual_seed(seed)
-    model = create_model("medfusion_tiny", len(tokenizer), len(synth.class_names(synth_cfg))).eval()
-    data = DataConfig(**{k: v for k, v in preset_values("tiny", "data").items() if k != "batch_size"})
+    model = create_model(f"medfusion_{preset}", len(tokenizer), len(synth.class_names(synth_cfg))).eval()
+    data = DataConfig(**{k: v for k, v in preset_values(preset, "data").items() if k != "batch_size"})
     export_model(model, uri, tokenizer=tokenizer, classes=synth.class_names(synth_cfg), data_settings=data)
     return uri
 
@@ -272,9 +276,26 @@ def _measure(base_url: str, body: bytes, content_type: str, cfg: ServeBenchConfi
     }
 
 
-def _serve_app(
-    uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig, layout: str
-) -> dict[int, dict[str, float]]:
+def _floor_app(cfg: ServeBenchConfig) -> Any:
+    """(d): a Serve deployment that reads the request body and answers a fixed JSON: what Serve's HTTP
+    path alone allows on this machine, one replica (as the model's), no model and no parsing."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    answer = json.dumps({"labels": [], "box": None, "findings": "", "model": {"name": "floor"}}).encode()
+
+    @serve.deployment(name="ServeFloor", num_replicas=cfg.model_replicas, max_ongoing_requests=2 * cfg.max_batch_size)
+    class ServeFloor:
+        async def __call__(self, request: Request) -> Response:
+            await request.body()
+            return Response(answer, media_type="application/json")
+
+    return ServeFloor.bind()
+
+
+def _serve_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig, layout: str) -> dict[int, dict[str, float]]:
+    """(a) in `layout` (split or combined), or (d) for ``layout="floor"``."""
     import ray
     from ray import serve
 
@@ -284,7 +305,8 @@ def _serve_app(
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(_serve_config(cfg, uri, layout)), name="bench", route_prefix="/", blocking=False)
+        app = _floor_app(cfg) if layout == "floor" else build_app(_serve_config(cfg, uri, layout))
+        serve.run(app, name="bench", route_prefix="/", blocking=False)
         _wait_ready(f"http://127.0.0.1:{port}")
         return _measure(f"http://127.0.0.1:{port}", body, content_type, cfg)
     finally:
@@ -309,22 +331,22 @@ def _plain_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) 
         process.join(timeout=10)
 
 
-SYSTEM_NAMES = {"split": "serve", "combined": "serve_combined"}
+SYSTEM_NAMES = {"split": "serve", "combined": "serve_combined", "floor": "serve_floor"}
 
 
 def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
-    """Run (c), (b) and (a) and return the benchmark JSON object (DESIGN.md); prints a table first.
+    """Run (c), (b), (a) and (d) and return the benchmark JSON object (DESIGN.md); prints a table first.
 
     (a) runs once per layout in `cfg.layouts`: ``serve`` (split: ingress + model deployments) and
-    ``serve_combined`` (the model replicas answer HTTP).
+    ``serve_combined`` (the model replicas answer HTTP); (d), ``serve_floor``, with `cfg.http_floor`.
     """
     with tempfile.TemporaryDirectory(prefix="medfusion-bench-serve-") as tmp:
-        uri = cfg.model or write_tiny_export(os.path.join(tmp, "export"))
+        uri = cfg.model or write_untrained_export(os.path.join(tmp, "export"), cfg.preset)
         image, report = _request_sample(cfg)
         body, content_type = encode_multipart(image, report)
         offline = _offline(uri, image, report, cfg)
         systems = {"plain": _plain_app(uri, body, content_type, cfg)}
-        for layout in cfg.layouts:
+        for layout in [*cfg.layouts, *(["floor"] if cfg.http_floor else [])]:
             systems[SYSTEM_NAMES[layout]] = _serve_app(uri, body, content_type, cfg, layout)
 
     figures: dict[str, dict[str, Any]] = {
@@ -353,6 +375,9 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
             "value": round(served[low]["p50_ms"] - offline["single_ms"], 2),
             "unit": "ms",
         }
+    if cfg.http_floor:
+        floor = systems["serve_floor"][top]["rps"]
+        ratios[f"serve_floor_vs_offline_c{top}"] = round(floor / max(offline["items_per_s"], 1e-9), 3)
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     return {"bench": "serve", "config": {**asdict(cfg), "cores": os.cpu_count()}, "figures": figures, "ratios": ratios}
 
