@@ -105,7 +105,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     With ``ingress_replicas >= 1`` (the default) an ingress deployment parses requests and calls the
     model deployment, retrying once on another replica when one dies under a request; with
     ``ingress_replicas=0`` the model replicas answer HTTP themselves: one hop fewer per request
-    (on 2 CPU cores 1.0-1.2x the requests/s at concurrency 32, ~8 ms less at concurrency 1), without
+    (on 2 CPU cores 1.0-1.4x the requests/s at concurrency 32, 4-8 ms less at concurrency 1), without
     that retry.
     """
     cfg = serving.serve_config(args)
