@@ -112,4 +112,7 @@ def test_bench_prints_its_json_last(tmp_path):
         assert {f"{system}_vs_plain_c1", f"{system}_vs_plain_c4", f"{system}_vs_offline_c4"} <= set(result["ratios"])
     assert result["figures"]["plain_c4_errors"]["value"] == 0 and result["figures"]["offline_items_per_s"]["unit"]
     assert result["figures"]["serve_floor_c4_errors"]["value"] == 0 and result["figures"]["serve_floor_c4_rps"]["value"] > 0
+    cpu = {name: result["figures"].get(f"{name}_c4_cpu_ms_{role}", {}).get("value", 0) for name, role in
+           (("serve", "proxy"), ("serve", "ingress"), ("serve", "model"), ("serve_floor", "replica"), ("plain", "server"))}
+    assert all(ms > 0 for ms in cpu.values()), cpu  # where each system's CPU went, per request
     assert len(result["ratios"]) == 7 and result["ratios"]["serve_floor_vs_offline_c4"] > 0

@@ -15,7 +15,9 @@ All of them answer the same request (a synthetic PNG + note, the same export) in
     app could reach on the machine.
 
 The load generator is closed-loop (each of `concurrency` clients sends its next request when the
-previous one is answered), on loopback, bounded by `requests` and `max_seconds` per level.
+previous one is answered), on loopback, bounded by `requests` and `max_seconds` per level. At the
+highest level the bench also prints where each system's CPU went, in ms per request: the load
+generator, Serve's proxy, the ingress and model replicas, Ray's own processes (psutil).
 """
 
 from __future__ import annotations
@@ -265,15 +267,52 @@ def _wait_ready(base_url: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"{base_url} did not become ready within {timeout_s} s")
 
 
-def _measure(base_url: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, float]]:
+def _role(cmdline: str) -> str:
+    """Which part of the Serve app (or of Ray) a process of this bench's local cluster is."""
+    for marker, role in (
+        ("ProxyActor", "proxy"),
+        ("MedFusionIngress", "ingress"),
+        ("MedFusionModel", "model"),
+        ("ServeFloor", "replica"),
+    ):
+        if marker in cmdline:
+            return role
+    return "ray"  # controller, raylet, GCS, agents
+
+
+def _cpu_seconds(role_of: Callable[[str], str]) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of this process's descendants, by pid, with their role."""
+    import psutil
+
+    seconds: dict[int, tuple[str, float]] = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            seconds[child.pid] = (role_of(" ".join(child.cmdline())), times.user + times.system)
+        except psutil.Error:  # ended meanwhile
+            continue
+    return seconds
+
+
+def _measure(
+    base_url: str, body: bytes, content_type: str, cfg: ServeBenchConfig, role_of: Callable[[str], str] = _role
+) -> dict[int, dict[str, float]]:
+    """Each concurrency level's summary; the highest level's also has the CPU milliseconds per request
+    of each part (``cpu_ms``: the client is this process, the servers its descendants, by `role_of`)."""
     url = f"{base_url}/v1/predict"
     if cfg.warmup_requests:  # at the first level's concurrency: the batch pacer sizes batches to recent load
         warmup = min(min(cfg.concurrency), cfg.warmup_requests)
         run_load(url, body, content_type, concurrency=warmup, requests=cfg.warmup_requests, max_seconds=cfg.max_seconds)
-    return {
-        c: run_load(url, body, content_type, concurrency=c, requests=cfg.requests, max_seconds=cfg.max_seconds).summary()
-        for c in cfg.concurrency
-    }
+    results: dict[int, dict[str, Any]] = {}
+    for c in cfg.concurrency:
+        before, client_before = _cpu_seconds(role_of), time.process_time()
+        load = run_load(url, body, content_type, concurrency=c, requests=cfg.requests, max_seconds=cfg.max_seconds)
+        after, client_after = _cpu_seconds(role_of), time.process_time()
+        cpu_ms: Counter = Counter({"client": client_after - client_before})
+        for pid, (role, seconds) in after.items():
+            cpu_ms[role] += seconds - before.get(pid, (role, 0.0))[1]
+        results[c] = {**load.summary(), "cpu_ms": {k: v * 1000.0 / max(load.requests, 1) for k, v in cpu_ms.items()}}
+    return results
 
 
 def _floor_app(cfg: ServeBenchConfig) -> Any:
@@ -294,7 +333,9 @@ def _floor_app(cfg: ServeBenchConfig) -> Any:
     return ServeFloor.bind()
 
 
-def _serve_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig, layout: str) -> dict[int, dict[str, float]]:
+def _serve_app(
+    uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig, layout: str
+) -> dict[int, dict[str, float]]:
     """(a) in `layout` (split or combined), or (d) for ``layout="floor"``."""
     import ray
     from ray import serve
@@ -326,7 +367,7 @@ def _plain_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) 
     process.start()
     try:
         _wait_ready(f"http://127.0.0.1:{port}")
-        return _measure(f"http://127.0.0.1:{port}", body, content_type, cfg)
+        return _measure(f"http://127.0.0.1:{port}", body, content_type, cfg, role_of=lambda _: "server")
     finally:
         process.terminate()
         process.join(timeout=10)
@@ -363,8 +404,15 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
             for q in ("p50", "p95", "p99"):
                 figures[f"{name}_c{c}_{q}_ms"] = {"value": round(s[f"{q}_ms"], 2), "unit": "ms"}
             figures[f"{name}_c{c}_errors"] = {"value": s["errors"], "unit": "requests"}
-    print(f"offline ceiling {offline['items_per_s']:.1f} items/s; one item {offline['single_ms']:.2f} ms")
     top, low = max(cfg.concurrency), min(cfg.concurrency)
+    print(f"CPU ms per request at concurrency {top} (client: the load generator; ray: controller, raylet, GCS):")
+    for name, results in systems.items():
+        cpu_ms = {role: ms for role, ms in sorted(results[top]["cpu_ms"].items(), key=lambda kv: -kv[1]) if ms >= 0.005}
+        total = sum(cpu_ms.values())
+        print(f"  {name:<16}" + ", ".join(f"{role} {ms:.2f}" for role, ms in cpu_ms.items()) + f" (total {total:.2f})")
+        for role, ms in cpu_ms.items():
+            figures[f"{name}_c{top}_cpu_ms_{role}"] = {"value": round(ms, 3), "unit": "CPU ms/request"}
+    print(f"offline ceiling {offline['items_per_s']:.1f} items/s; one item {offline['single_ms']:.2f} ms")
     plain = systems["plain"]
     ratios: dict[str, float] = {}
     for name in (SYSTEM_NAMES[layout] for layout in cfg.layouts):
