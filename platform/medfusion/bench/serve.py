@@ -296,9 +296,9 @@ def _cpu_seconds(role_of: Callable[[str], str]) -> dict[int, tuple[str, float]]:
 
 def _measure(
     base_url: str, body: bytes, content_type: str, cfg: ServeBenchConfig, role_of: Callable[[str], str] = _role
-) -> dict[int, dict[str, float]]:
-    """Each concurrency level's summary; the highest level's also has the CPU milliseconds per request
-    of each part (``cpu_ms``: the client is this process, the servers its descendants, by `role_of`)."""
+) -> dict[int, dict[str, Any]]:
+    """Each concurrency level's summary, with the CPU milliseconds per request of each part (``cpu_ms``:
+    the client is this process, the servers its descendants, named by `role_of`)."""
     url = f"{base_url}/v1/predict"
     if cfg.warmup_requests:  # at the first level's concurrency: the batch pacer sizes batches to recent load
         warmup = min(min(cfg.concurrency), cfg.warmup_requests)
@@ -335,7 +335,7 @@ def _floor_app(cfg: ServeBenchConfig) -> Any:
 
 def _serve_app(
     uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig, layout: str
-) -> dict[int, dict[str, float]]:
+) -> dict[int, dict[str, Any]]:
     """(a) in `layout` (split or combined), or (d) for ``layout="floor"``."""
     import ray
     from ray import serve
@@ -356,7 +356,7 @@ def _serve_app(
         ray.shutdown()
 
 
-def _plain_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, float]]:
+def _plain_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, Any]]:
     import multiprocessing
 
     from medfusion import serving

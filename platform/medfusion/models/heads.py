@@ -162,7 +162,7 @@ def box_losses(
     """L1 and GIoU losses on images that have a lesion, BCE objectness on all images, and, given the
     head's region boxes and attention logits, the dense terms: every region whose centre lies inside
     the true box (and the one nearest its centre, for boxes smaller than a cell) regresses that box
-        ("box_dense"), and the attention's divergence from those regions ("box_focus"). Given the
+    ("box_dense"), and the attention's divergence from those regions ("box_focus"). Given the
     refiner's boxes, their L1 and GIoU losses, summed over its steps ("box_refine").
 
     Args:

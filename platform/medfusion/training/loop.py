@@ -321,8 +321,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             return {**metrics, "global_step": engine.global_step, "world_size": world}
         metrics.update(_validate(engine, cfg, info.tokenizer, objective))
         metrics.update(global_step=engine.global_step, lr=engine.lr, epoch_s=time.perf_counter() - started)
-        selection = (metrics[cfg.select_metric], mode, cfg.patience, cfg.epochs)
-        if state.record(epoch, *selection, loss=metrics["val_loss"]):
+        value = metrics[cfg.select_metric]
+        if state.record(epoch, value, mode, cfg.patience, cfg.epochs, loss=metrics["val_loss"]):
             _export_best(engine, cfg, job, metrics, rank)
         metrics.update(best=state.best if state.best is not None else float("nan"), best_epoch=state.best_epoch)
         state.history.append(metrics)
