@@ -3,8 +3,9 @@
     prepare-data ─▶ tune (use_tune) | train ─▶ evaluate ─▶ quality-gate ─▶ [passed] deploy ─▶ smoke-test
 
 Every step is a component of ``medfusion.components`` calling a medfusion stage function; where Ray
-runs is the ``ray_address`` parameter (medfusion.orchestration: embedded, Ray Jobs API or KubeRay).
-Its parameters are the fields of ``medfusion.orchestration.PipelineConfig``, with the same defaults.
+runs is the ``ray_address`` parameter (medfusion.orchestration.stages: embedded, Ray Jobs API or
+KubeRay). Its parameters are the fields of ``medfusion.orchestration.pipeline.PipelineConfig``, with
+the same defaults; ``medfusion.pipelines.run`` runs it here (kfp.local) or submits it to a KFP server.
 ``medfusion_pipeline.yaml`` next to this file is its compiled form (tests/pipelines keep it current):
 
     python -m medfusion.pipelines.medfusion_pipeline [OUT.yaml]
@@ -28,7 +29,8 @@ from medfusion.components.quality_gate.component import quality_gate
 from medfusion.components.smoke_test.component import smoke_test
 from medfusion.components.train.component import train
 from medfusion.components.tune.component import tune
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
+from medfusion.registry import DEFAULT_REGISTRY_URI
 
 PIPELINE_NAME = "medfusion"
 # Retries absorb transient failures (object storage, a preempted node, a Ray worker lost); a failure
@@ -49,13 +51,16 @@ def _step(task: dsl.PipelineTask, image: str, name: str, *, cache: bool, retries
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Prepare, train or tune, evaluate, gate, deploy and smoke-test the medfusion model on Ray.")
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Prepare, train or tune, evaluate, gate, deploy and smoke-test the medfusion model on Ray.",
+)
 def medfusion_pipeline(
     source: str = "synthetic",
     source_uri: str = "",
     dataset_uri: str = "s3://medfusion/datasets/pipeline",
     storage_uri: str = "s3://medfusion/runs",
-    registry_uri: str = "s3://medfusion/registry",
+    registry_uri: str = DEFAULT_REGISTRY_URI,
     model_name: str = "medfusion",
     preset: str = "tiny",
     prepare_config: dict = {},
@@ -76,43 +81,82 @@ def medfusion_pipeline(
     # Cached: the same source and config give the same dataset (and a rerun into an existing
     # dataset_uri is refused unless prepare_config.overwrite).
     prepared = _step(
-        prepare_data(output_uri=dataset_uri, source=source, source_uri=source_uri, preset=preset, config=prepare_config, **ray),
-        image, "prepare-data", cache=True, retries=STAGE_RETRIES,
+        prepare_data(
+            output_uri=dataset_uri, source=source, source_uri=source_uri, preset=preset, config=prepare_config, **ray
+        ),
+        image,
+        "prepare-data",
+        cache=True,
+        retries=STAGE_RETRIES,
     )
     dataset = prepared.outputs["dataset"]
 
     # Cached: the expensive steps; change a parameter (or submit without caching) to retrain.
     with dsl.If(use_tune == True, name="use-tune"):  # noqa: E712 - a KFP condition, not a Python test
         tuned = _step(
-            tune(dataset=dataset, storage_uri=storage_uri, search_space=search_space, preset=preset, config=tune_config, **ray),
-            image, "tune", cache=True, retries=STAGE_RETRIES,
+            tune(
+                dataset=dataset,
+                storage_uri=storage_uri,
+                search_space=search_space,
+                preset=preset,
+                config=tune_config,
+                **ray,
+            ),
+            image,
+            "tune",
+            cache=True,
+            retries=STAGE_RETRIES,
         )
     with dsl.Else(name="train-once"):
         trained = _step(
             train(dataset=dataset, storage_uri=storage_uri, preset=preset, config=train_config, **ray),
-            image, "train", cache=True, retries=STAGE_RETRIES,
+            image,
+            "train",
+            cache=True,
+            retries=STAGE_RETRIES,
         )
     model_uri = dsl.OneOf(tuned.outputs["Output"], trained.outputs["Output"])
 
     evaluated = _step(
         evaluate(model_uri=model_uri, dataset=dataset, config=evaluate_config, **ray),
-        image, "evaluate", cache=True, retries=STAGE_RETRIES,
+        image,
+        "evaluate",
+        cache=True,
+        retries=STAGE_RETRIES,
     )
     # Not cached: a gate decision is cheap and must reflect the thresholds of this run.
-    gate = _step(quality_gate(metrics=evaluated.outputs["Output"], gates=gates), image, "quality-gate", cache=False, retries=0)
+    gate = _step(
+        quality_gate(metrics=evaluated.outputs["Output"], gates=gates), image, "quality-gate", cache=False, retries=0
+    )
 
     with dsl.If(gate.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
         # Never cached: deploying changes the world (the registry, a Serve app, a RayService).
         deployed = _step(
-            deploy(model_uri=model_uri, registry_uri=registry_uri, model_name=model_name, serve_config=serve_config,
-                   serve_url=serve_url, **ray),
-            image, "deploy", cache=False, retries=DEPLOY_RETRIES,
+            deploy(
+                model_uri=model_uri,
+                registry_uri=registry_uri,
+                model_name=model_name,
+                serve_config=serve_config,
+                serve_url=serve_url,
+                **ray,
+            ),
+            image,
+            "deploy",
+            cache=False,
+            retries=DEPLOY_RETRIES,
         )
         # Never cached: it checks the live application (retries cover a slow first start).
         _step(
-            smoke_test(dataset=dataset, serve_config_uri=deployed.outputs["serve_config_uri"], url=deployed.outputs["url"],
-                       ray_address=ray_address),
-            image, "smoke-test", cache=False, retries=SMOKE_RETRIES,
+            smoke_test(
+                dataset=dataset,
+                serve_config_uri=deployed.outputs["serve_config_uri"],
+                url=deployed.outputs["url"],
+                ray_address=ray_address,
+            ),
+            image,
+            "smoke-test",
+            cache=False,
+            retries=SMOKE_RETRIES,
         )
 
     outputs = NamedTuple("PipelineOutputs", deployable=bool, metrics=dict)

@@ -1,29 +1,45 @@
 """The Ray Serve application: an HTTP ingress and a batched model deployment.
 
-    proxy ──HTTP──▶ MedFusionIngress (FastAPI: auth, limits, parsing)  ──handle──▶ MedFusionModel
-                    medfusion.serving.create_api                                 @serve.batch over
-                                                                                 medfusion.serving.ModelRunner
+    proxy ──HTTP──▶ MedFusionIngress                ──handle──▶ MedFusionDeployment
+                    (FastAPI: auth, limits, parsing)               (@serve.batch over
+                    medfusion.serving.api.create_api               medfusion.serving.runtime.ModelRunner)
 
 or, with ``ingress_replicas=0``, one deployment (``MedFusionService``, deployed under the model
 deployment's name) that is both: the FastAPI app over its own batched model.
 
 `build_app` is what a Serve config file's ``import_path`` names (``medfusion.serve.app:build_app``,
 see ``serve/serve_config.yaml``); its ``args`` are the fields of ``medfusion.config.ServeConfig``.
-All logic lives in ``medfusion.serving``; the classes below only adapt it to Serve.
+`serve_forever` runs it on the embedded Ray for ``medfusion serve``. All logic lives in
+``medfusion.serving``; the classes below only adapt it to Serve.
 """
 
 from __future__ import annotations
 
+import signal
+import time
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from medfusion import serving
 from medfusion.config import ServeConfig
+from medfusion.serving.api import create_api
+from medfusion.serving.runtime import BatchPacer, HandleBackend, ModelRunner, ServeMetrics
+from medfusion.serving.settings import (
+    ApiSettings,
+    ingress_args,
+    ingress_deployment_options,
+    model_args,
+    model_deployment_options,
+    resolve_served_model_uri,
+    serve_config,
+)
 
-MODEL_DEPLOYMENT = "MedFusionModel"
+# Not "MedFusionModel": that is the nn.Module (medfusion.models), and replica names, logs and the
+# `deployments` of a Serve config would read as if they were it.
+MODEL_DEPLOYMENT = "MedFusionDeployment"
 INGRESS_DEPLOYMENT = "MedFusionIngress"
 
 
@@ -31,12 +47,12 @@ class _BatchedModel:
     """The exported model answering dynamic batches: the model side of both layouts.
 
     A batch holds at most ServeConfig's max_batch_size and waits at most its batch_wait_timeout_s;
-    within those, ``serving.BatchPacer`` sizes it to the load (a lone request runs at once).
+    within those, ``BatchPacer`` sizes it to the load (a lone request runs at once).
     """
 
     def __init__(self, uri: str, args: dict[str, Any]) -> None:
-        self.runner = serving.ModelRunner.load(uri, args, metrics=serving.ServeMetrics())
-        self.pacer = serving.BatchPacer(int(args["max_batch_size"]), float(args["batch_wait_timeout_s"]))
+        self.runner = ModelRunner.load(uri, args, metrics=ServeMetrics())
+        self.pacer = BatchPacer(int(args["max_batch_size"]), float(args["batch_wait_timeout_s"]))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def predict_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,7 +76,7 @@ class _BatchedModel:
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
-class MedFusionModel(_BatchedModel):
+class MedFusionDeployment(_BatchedModel):
     """A model replica behind the ingress (the split layout, ``ingress_replicas >= 1``)."""
 
 
@@ -70,9 +86,9 @@ class MedFusionIngress:
     """The HTTP front door; the FastAPI app is built per replica, where the token is readable."""
 
     def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
-        settings = serving.ApiSettings.from_ingress_args(args, echo_request_id=False)  # the proxy sets X-Request-ID
-        backend = serving.HandleBackend(model, retry_after_s=settings.limits.retry_after_s)
-        self.api = serving.create_api(backend, settings, metrics=serving.ServeMetrics())
+        settings = ApiSettings.from_ingress_args(args, echo_request_id=False)  # the proxy sets X-Request-ID
+        backend = HandleBackend(model, retry_after_s=settings.limits.retry_after_s)
+        self.api = create_api(backend, settings, metrics=ServeMetrics())
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.api
@@ -88,8 +104,8 @@ class MedFusionService(_BatchedModel):
 
     def __init__(self, uri: str, model_args: dict[str, Any], ingress_args: dict[str, Any]) -> None:
         super().__init__(uri, model_args)
-        settings = serving.ApiSettings.from_ingress_args(ingress_args, echo_request_id=False)
-        self.api = serving.create_api(self, settings, metrics=serving.ServeMetrics())
+        settings = ApiSettings.from_ingress_args(ingress_args, echo_request_id=False)
+        self.api = create_api(self, settings, metrics=ServeMetrics())
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.api
@@ -104,14 +120,68 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 
     With ``ingress_replicas >= 1`` (the default) an ingress deployment parses requests and calls the
     model deployment, retrying once on another replica when one dies under a request; with
-    ``ingress_replicas=0`` the model replicas answer HTTP themselves: one hop fewer per request
-    (on 2 CPU cores 1.0-1.4x the requests/s at concurrency 32, 4-8 ms less at concurrency 1), without
-    that retry.
+    ``ingress_replicas=0`` the model replicas answer HTTP themselves: one Ray hop fewer per request
+    (serve/README.md has the measured difference), without that retry.
     """
-    cfg = serving.serve_config(args)
-    uri = serving.resolve_model_uri(cfg.model, cfg.registry_uri)
-    options = serving.model_deployment_options(cfg)
+    cfg = serve_config(args)
+    uri = resolve_served_model_uri(cfg.model, cfg.registry_uri)
+    options = model_deployment_options(cfg)
     if cfg.ingress_replicas == 0:
-        return MedFusionService.options(**options).bind(uri, serving.model_args(cfg), serving.ingress_args(cfg))
-    model = MedFusionModel.options(**options).bind(uri, serving.model_args(cfg))
-    return MedFusionIngress.options(**serving.ingress_deployment_options(cfg)).bind(model, serving.ingress_args(cfg))
+        return MedFusionService.options(**options).bind(uri, model_args(cfg), ingress_args(cfg))
+    model = MedFusionDeployment.options(**options).bind(uri, model_args(cfg))
+    return MedFusionIngress.options(**ingress_deployment_options(cfg)).bind(model, ingress_args(cfg))
+
+
+def serve_forever(
+    cfg: ServeConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    app_name: str = "medfusion",
+    route_prefix: str = "/",
+    request_timeout_s: float | None = None,
+    block: bool = True,
+) -> str:
+    """Run the application on Ray (embedded unless RAY_ADDRESS points at a cluster); return its URL.
+
+    Args:
+        cfg: the application's settings (``model`` is required).
+        host: the address the HTTP proxy binds.
+        port: the port the HTTP proxy listens on.
+        app_name: the Serve application's name.
+        route_prefix: the URL prefix the application answers under.
+        request_timeout_s: the proxy's own deadline (408); Serve's default when None.
+        block: print the URL and wait until Ctrl-C (or SIGTERM), then shut Serve (and a Ray it
+            started) down; without it, return as soon as the application is deployed.
+
+    Returns:
+        The application's base URL.
+    """
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        # address="local": the embedded Ray, never a cluster some `ray start` left on this machine.
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
+    http_options: dict[str, Any] = {"host": host, "port": port}
+    if request_timeout_s:
+        http_options["request_timeout_s"] = request_timeout_s
+    serve.start(http_options=http_options)
+    serve.run(build_app(cfg), name=app_name, route_prefix=route_prefix, blocking=False)
+    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    if not block:
+        return url
+    print(f"medfusion serving {cfg.model} at {url}  (POST {url}/v1/predict, docs {url}/docs); Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop shuts down as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+    return url
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

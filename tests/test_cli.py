@@ -21,10 +21,27 @@ COMMANDS = sorted(set(_commands(build_parser())))
 
 
 def test_the_expected_commands_exist():
-    for cmd in [("store", "up"), ("store", "down"), ("store", "status"), ("data", "synth"), ("data", "ingest"),
-                ("data", "inspect"), ("bench", "ingest"), ("evaluate",), ("serve",), ("bench", "serve"), ("pipeline", "run"), ("pipeline", "compile"),
-                ("pipeline", "submit"), ("train",), ("bench", "train"), ("demo",), ("models", "list"), ("models", "show"),
-                ("models", "register")]:
+    for cmd in [
+        ("store", "up"),
+        ("store", "down"),
+        ("store", "status"),
+        ("data", "synth"),
+        ("data", "ingest"),
+        ("data", "inspect"),
+        ("bench", "ingest"),
+        ("evaluate",),
+        ("serve",),
+        ("bench", "serve"),
+        ("pipeline", "run"),
+        ("pipeline", "compile"),
+        ("pipeline", "submit"),
+        ("train",),
+        ("bench", "train"),
+        ("demo",),
+        ("models", "list"),
+        ("models", "show"),
+        ("models", "register"),
+    ]:
         assert cmd in COMMANDS
 
 
@@ -42,7 +59,10 @@ def test_help(command, capsys):
         (["data", "synth", "--out", "/tmp/x", "synth.num_samples=-1"], "synth.num_samples: must be > 0"),
         (["data", "synth", "--out", "/tmp/x", "synth.nope=1"], "synth.nope: unknown field"),
         (["data", "inspect", "/nonexistent/dataset"], "no dataset here"),
-        (["data", "ingest", "--source", "manifest", "--input", "/nonexistent.csv", "--out", "/tmp/y"], "nonexistent.csv"),
+        (
+            ["data", "ingest", "--source", "manifest", "--input", "/nonexistent.csv", "--out", "/tmp/y"],
+            "nonexistent.csv",
+        ),
     ],
 )
 def test_errors_are_one_actionable_line(argv, message, capsys):

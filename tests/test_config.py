@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import yaml
 
+import medfusion
 from medfusion import config as C
+from medfusion.loader import field_docs, load_config, preset_values
 
-CONFIG_CLASSES = [C.SynthConfig, C.SplitConfig, C.PrepareConfig, C.DataConfig, C.ModelConfig, C.IngestBenchConfig, C.EvaluateConfig,
-                  C.ServeAutoscalingConfig, C.ServeLimitsConfig, C.ServeConfig, C.ServeBenchConfig,
-                  C.TrainConfig, C.TrainBenchConfig]
+CONFIG_SUFFIXES = ("Config", "Options")
+
+
+def _config_classes() -> list[tuple[str, str]]:
+    """Every dataclass named *Config or *Options in the package's source, as (module, class).
+
+    Found by parsing the source rather than by a list, so that a new config cannot skip the checks.
+    """
+    root = Path(medfusion.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            decorated = isinstance(node, ast.ClassDef) and any(
+                "dataclass" in ast.unparse(d) for d in node.decorator_list
+            )
+            if decorated and node.name.endswith(CONFIG_SUFFIXES):
+                module = ".".join(("medfusion", *path.relative_to(root).with_suffix("").parts))
+                found.append((module, node.name))
+    return found
+
+
+CONFIG_CLASSES = _config_classes()
 SECTIONS = {"model": C.ModelConfig, "data": C.DataConfig, "synth": C.SynthConfig}
 
 
@@ -22,14 +46,21 @@ def test_every_preset_loads_into_its_dataclasses(preset):
     data = yaml.safe_load(text)
     assert set(data) <= set(SECTIONS), f"unknown sections in {preset}.yaml"
     for section, cls in SECTIONS.items():
-        cfg = C.load_config(cls, base=C.preset_values(preset, section))
+        cfg = load_config(cls, base=preset_values(preset, section))
         assert isinstance(cfg, cls)
-    assert C.load_config(C.ModelConfig, base=C.preset_values(preset, "model")).preset == preset
+    assert load_config(C.ModelConfig, base=preset_values(preset, "model")).preset == preset
 
 
-@pytest.mark.parametrize("cls", CONFIG_CLASSES)
-def test_every_field_has_a_docstring(cls):
-    docs = C.field_docs(cls)
+def test_config_discovery_finds_the_stage_and_bench_configs():
+    names = {name for _, name in CONFIG_CLASSES}
+    assert {"TrainConfig", "TuneConfig", "ServeConfig", "PipelineConfig", "ServeBenchConfig"} <= names
+
+
+@pytest.mark.parametrize("module, name", CONFIG_CLASSES, ids=[name for _, name in CONFIG_CLASSES])
+def test_every_field_has_a_docstring(module, name):
+    cls = getattr(importlib.import_module(module), name)
+    assert dataclasses.is_dataclass(cls)
+    docs = field_docs(cls)
     missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
     assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
 
@@ -46,7 +77,7 @@ def test_every_field_has_a_docstring(cls):
     ],
 )
 def test_dotted_overrides_are_typed(overrides, check):
-    assert check(C.load_config(C.PrepareConfig, overrides=overrides))
+    assert check(load_config(C.PrepareConfig, overrides=overrides))
 
 
 @pytest.mark.parametrize(
@@ -66,21 +97,21 @@ def test_dotted_overrides_are_typed(overrides, check):
 )
 def test_bad_values_name_the_field(cls, overrides, message):
     with pytest.raises(C.ConfigError, match=None) as err:
-        C.load_config(cls, overrides=overrides)
+        load_config(cls, overrides=overrides)
     assert message in str(err.value)
 
 
 def test_yaml_file_is_a_partial_override(tmp_path):
     path = tmp_path / "prepare.yaml"
     path.write_text("synth:\n  num_samples: 50\nshard_size_mb: 1\n")
-    cfg = C.load_config(C.PrepareConfig, path, ["synth.seed=7"])
+    cfg = load_config(C.PrepareConfig, path, ["synth.seed=7"])
     assert (cfg.synth.num_samples, cfg.synth.seed, cfg.shard_size_mb, cfg.synth.image_size) == (50, 7, 1.0, 128)
 
 
 def test_missing_or_bad_yaml_is_named(tmp_path):
     with pytest.raises(C.ConfigError, match="not found"):
-        C.load_config(C.PrepareConfig, tmp_path / "nope.yaml")
+        load_config(C.PrepareConfig, tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n")
     with pytest.raises(C.ConfigError, match="bad.yaml: expected a mapping"):
-        C.load_config(C.PrepareConfig, bad)
+        load_config(C.PrepareConfig, bad)

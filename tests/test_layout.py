@@ -6,10 +6,10 @@ import importlib
 import importlib.util
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,12 @@ def test_platform_is_still_the_standard_library():
 
 def test_every_source_package_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    roots = {"medfusion": ROOT / "platform" / "medfusion", "medfusion.components": ROOT / "components",
-             "medfusion.pipelines": ROOT / "pipelines", "medfusion.serve": ROOT / "serve"}
+    roots = {
+        "medfusion": ROOT / "platform" / "medfusion",
+        "medfusion.components": ROOT / "components",
+        "medfusion.pipelines": ROOT / "pipelines",
+        "medfusion.serve": ROOT / "serve",
+    }
     found = set()
     for name, folder in roots.items():
         for init in folder.rglob("__init__.py"):

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
+
 from medfusion.metrics import (
     classification_metrics,
     clinical_correctness,
@@ -15,7 +17,6 @@ from medfusion.metrics import (
     scalar_metrics,
     text_metrics,
 )
-from sklearn.metrics import roc_auc_score
 
 EYE3 = np.eye(3, dtype=np.float32)
 

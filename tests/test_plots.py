@@ -7,8 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from medfusion import plots
 from PIL import Image
+
+from medfusion import plots
 
 CLASSES = ["normal", "pneumonia", "nodule"]
 RNG = np.random.default_rng(0)

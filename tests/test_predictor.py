@@ -9,9 +9,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
+from PIL import Image
+
+from dicom_files import dicom_file
 from medfusion.config import DataConfig, SynthConfig
 from medfusion.data import synth
 from medfusion.data.batches import collate
@@ -19,9 +21,6 @@ from medfusion.data.tokenizer import Tokenizer
 from medfusion.export import CHECKSUMS_FILE, EXPORT_FILES, ExportError, export_model, load_export
 from medfusion.models import create_model, to_tensors
 from medfusion.predictor import PredictError, Predictor, concat_batches
-from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 DATA = DataConfig(image_size=64, max_report_tokens=24, max_findings_tokens=40)
 
@@ -75,27 +74,6 @@ def _png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
-def _dicom(pixels: np.ndarray | None) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    if int(pydicom.__version__.split(".")[0]) >= 3:
-        ds.save_as(buf, enforce_file_format=True)
-    else:  # pragma: no cover - pydicom 2
-        ds.save_as(buf, write_like_original=False)
-    return buf.getvalue()
 
 
 def test_export_folder_has_every_file(setup):
@@ -176,7 +154,7 @@ def test_export_refuses_mismatched_metadata(setup, tmp_path):
         (b"this is not an image at all", None, "not a PNG, JPEG or DICOM"),
         (b"", None, "empty image"),
         (_png(64, 64)[:60], None, "cannot decode PNG"),
-        (_dicom(None), None, "no pixel data"),
+        (dicom_file(None), None, "no pixel data"),
         (_png_header(8000, 6000), None, "exceeds the limit of 40000000 pixels"),
         (_png_header(0, 0), None, "cannot decode PNG"),
         ("aGVsbG8=", None, "must be encoded bytes"),
@@ -234,7 +212,7 @@ def test_notes_of_any_length(setup, report, expected_words):
 
 def test_prediction_fields_in_input_pixels(setup):
     predictor = Predictor.from_export(setup["uri"])
-    items = [{"image": _png(160, 100), "report": "smoker, haemoptysis"}, {"image": _dicom(np.full((40, 50), 900))}]
+    items = [{"image": _png(160, 100), "report": "smoker, haemoptysis"}, {"image": dicom_file(np.full((40, 50), 900))}]
     for item, (width, height) in zip(predictor.predict(items), [(160, 100), (50, 40)]):
         probs = [label["probability"] for label in item["labels"]]
         assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)

@@ -24,8 +24,12 @@ from medfusion.registry import ModelNotFoundError, RegistryError
 
 DATA = DataConfig(image_size=64, max_report_tokens=24, max_findings_tokens=40)
 NAME = "medfusion-tiny"
-SWEEP_LINEAGE = {"sweep_uri": "s3://b/sweeps/s1", "trial_id": "trial_00003", "checkpoint_uri": "s3://b/sweeps/s1/t3/ckpt",
-                 "objective": "val_accuracy"}
+SWEEP_LINEAGE = {
+    "sweep_uri": "s3://b/sweeps/s1",
+    "trial_id": "trial_00003",
+    "checkpoint_uri": "s3://b/sweeps/s1/t3/ckpt",
+    "objective": "val_accuracy",
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +42,21 @@ def _export(path: Path, samples, seed: int, accuracy: float) -> str:
     tokenizer = Tokenizer.build(s.report + " " + s.findings for s in samples)
     torch.manual_seed(seed)
     model = create_model("medfusion_tiny", len(tokenizer), len(classes)).eval()
-    lineage = {"dataset_uri": "s3://b/datasets/synth", "dataset_version": "ds-1234abcd", "run_id": f"run-{seed}",
-               "config": {"lr": 3e-4, "model": {"fusion": "gated", "preset": "tiny"}}}
-    return export_model(model, str(path), tokenizer=tokenizer, classes=classes, data_settings=DATA,
-                        metrics={"accuracy": accuracy, "mean_iou": 0.25, "auroc_macro": float("nan")}, lineage=lineage)
+    lineage = {
+        "dataset_uri": "s3://b/datasets/synth",
+        "dataset_version": "ds-1234abcd",
+        "run_id": f"run-{seed}",
+        "config": {"lr": 3e-4, "model": {"fusion": "gated", "preset": "tiny"}},
+    }
+    return export_model(
+        model,
+        str(path),
+        tokenizer=tokenizer,
+        classes=classes,
+        data_settings=DATA,
+        metrics={"accuracy": accuracy, "mean_iou": 0.25, "auroc_macro": float("nan")},
+        lineage=lineage,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +95,18 @@ def test_register_resolve_and_load_in_the_predictor(root, exports, samples):
     assert mv.lineage["objective"] == "val_accuracy" and mv.lineage["run_id"] == "run-0"
 
     card = storage.read_text(storage.join(mv.uri, registry.CARD_FILE))
-    for text in (f"# Model card: {mv.ref}", "ds-1234abcd", "| accuracy | 0.5000 | [0.4100, 0.5900] |",
-                 "| mean_iou | 0.2500 | not computed |", "| model.fusion | \"gated\" |", "| lr | 0.0003 |",
-                 "Not for clinical use", "## Limitations", "trial_id trial_00003", "s3://b/sweeps/s1/t3/ckpt"):
+    for text in (
+        f"# Model card: {mv.ref}",
+        "ds-1234abcd",
+        "| accuracy | 0.5000 | [0.4100, 0.5900] |",
+        "| mean_iou | 0.2500 | not computed |",
+        '| model.fusion | "gated" |',
+        "| lr | 0.0003 |",
+        "Not for clinical use",
+        "## Limitations",
+        "trial_id trial_00003",
+        "s3://b/sweeps/s1/t3/ckpt",
+    ):
         assert text in card, text
 
     # The version folder is itself a verified export, whose lineage is the registry's.
@@ -121,8 +145,10 @@ def test_list_is_newest_first_and_latest_is_marked(tmp_path, exports):
     new = registry.register(exports[1], root, NAME, set_latest=False)
     other = registry.register(exports[0], root, "other-model")
     assert [mv.ref for mv in registry.list_versions(root)] == [other.ref, new.ref, old.ref]
-    assert [(mv.version, mv.is_latest) for mv in registry.list_versions(root, NAME)] == [(new.version, False),
-                                                                                        (old.version, True)]
+    assert [(mv.version, mv.is_latest) for mv in registry.list_versions(root, NAME)] == [
+        (new.version, False),
+        (old.version, True),
+    ]
     registry.register(exports[1], root, NAME)  # re-registering promotes it to latest
     assert registry.get_version(root, NAME).version == new.version
     assert registry.list_versions(str(tmp_path / "empty")) == []
@@ -180,8 +206,9 @@ def test_concurrent_registrations_do_not_clobber_and_latest_is_always_complete(r
 
 
 @pytest.mark.parametrize("writes_before_crash", [0, 4, 8])  # 8: every file but version.json
-def test_a_crash_mid_copy_is_invisible_and_the_next_registration_completes_it(root, exports, monkeypatch,
-                                                                               writes_before_crash):
+def test_a_crash_mid_copy_is_invisible_and_the_next_registration_completes_it(
+    root, exports, monkeypatch, writes_before_crash
+):
     previous = registry.register(exports[0], root, NAME)
     real_write = storage.write_bytes
     count = [0]
@@ -284,7 +311,10 @@ def test_cli_models_register_list_show(root, exports, capsys, monkeypatch):
 
     assert main(["models", "show", NAME]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"# Model card: {NAME}:v1") and f"version folder (export): {storage.join(root, NAME, 'v1')}" in out
+    assert (
+        out.startswith(f"# Model card: {NAME}:v1")
+        and f"version folder (export): {storage.join(root, NAME, 'v1')}" in out
+    )
     assert main(["models", "show", f"{NAME}:nope"]) == 2
     err = capsys.readouterr().err
     assert "ModelNotFoundError" in err and "has no version 'nope'" in err and "v1" in err and "Traceback" not in err
@@ -293,8 +323,13 @@ def test_cli_models_register_list_show(root, exports, capsys, monkeypatch):
 
 
 def test_version_json_is_the_metadata(tmp_path, exports):
-    mv = registry.register(exports[0], str(tmp_path), NAME, metrics={"accuracy": 0.7, "loss": float("nan")},
-                           metrics_ci={"test_f1": (0.1, 0.2)})
+    mv = registry.register(
+        exports[0],
+        str(tmp_path),
+        NAME,
+        metrics={"accuracy": 0.7, "loss": float("nan")},
+        metrics_ci={"test_f1": (0.1, 0.2)},
+    )
     meta = json.loads(storage.read_bytes(storage.join(mv.uri, registry.VERSION_FILE)))
     assert meta["name"] == NAME and meta["version"] == mv.version and meta["registered_at"] == mv.registered_at
     assert meta["metrics"] == {"accuracy": 0.7} and meta["metrics_ci"] == {"test_f1": [0.1, 0.2]}
@@ -309,7 +344,10 @@ def test_version_json_is_the_metadata(tmp_path, exports):
     "metrics, shown",
     [
         ({"accuracy": 0.5, "mean_iou": 0.25}, ["accuracy", "mean_iou"]),
-        ({"val_loss": 1.0, "test_accuracy": 0.9, "test_mean_iou": 0.5, "x": 2.0}, ["test_accuracy", "test_mean_iou", "val_loss"]),
+        (
+            {"val_loss": 1.0, "test_accuracy": 0.9, "test_mean_iou": 0.5, "x": 2.0},
+            ["test_accuracy", "test_mean_iou", "val_loss"],
+        ),
         ({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, ["a", "b", "c"]),
         ({}, []),
     ],

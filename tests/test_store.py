@@ -18,7 +18,10 @@ def _cli(*args, root):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     return subprocess.run(
         [sys.executable, "-m", "medfusion.cli", "--store-root", str(root), *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
@@ -35,15 +38,30 @@ def test_store_up_status_down(tmp_path):
         # A second `up` reuses the running server instead of starting another.
         again = _cli("store", "up", root=root)
         assert json.loads((root / "store.json").read_text())["pid"] == state["pid"], again.stderr
-        env = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines() if line.startswith("export"))
+        env = dict(
+            line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines() if line.startswith("export")
+        )
         import boto3
+        import botocore.exceptions
 
-        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
         assert "medfusion" in {b["Name"] for b in s3.list_buckets()["Buckets"]}
-        wrong = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="nobody",
-                             aws_secret_access_key="wrong", region_name="us-east-1")
-        with pytest.raises(Exception):
+        wrong = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id="nobody",
+            aws_secret_access_key="wrong",
+            region_name="us-east-1",
+        )
+        with pytest.raises(
+            botocore.exceptions.ClientError, match="InvalidAccessKeyId|AccessDenied|SignatureDoesNotMatch"
+        ):
             wrong.list_objects_v2(Bucket="medfusion")
     finally:
         down = _cli("store", "down", root=root)

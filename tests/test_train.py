@@ -7,25 +7,33 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 
 import pytest
 import yaml
 
 from medfusion import storage
-from medfusion.config import ConfigError, PrepareConfig, SynthConfig, TrainConfig, load_config
-from medfusion.train import load_train_config, run_train, split_run_uri
+from medfusion.config import ConfigError, PrepareConfig, SynthConfig, TrainConfig
+from medfusion.loader import load_config, to_dict
+from medfusion.train import load_train_config, run_train
 from medfusion.training.engine import DeepSpeedEngine, warmup_schedule
-from medfusion.training.jobs import auth_headers, config_overrides, job_entrypoint
-from medfusion.training.loop import FAULT_MARKER, TRAIN_STATE_FILE, TrainingState
+from medfusion.training.loop import FAULT_MARKER, TRAIN_STATE_FILE, TrainingState, TrainJob
+from medfusion.training.rundir import split_run_uri
 
 SAMPLES, IMAGE = 240, 32
 # tiny preset, 2 workers x 0.5 CPU (the 2-CPU test Ray keeps one for Ray Data's read and
 # preprocessing tasks), ZeRO-2 on CPU.
 BASE = [
-    f"data.image_size={IMAGE}", "epochs=2", "num_workers=2", "cpus_per_worker=0.5", "strategy=deepspeed",
-    "zero_stage=2", "lr=3e-3", "warmup_steps=2", "seed=0", "shuffle_buffer=0",
-]  # fmt: skip
+    f"data.image_size={IMAGE}",
+    "epochs=2",
+    "num_workers=2",
+    "cpus_per_worker=0.5",
+    "strategy=deepspeed",
+    "zero_stage=2",
+    "lr=3e-3",
+    "warmup_steps=2",
+    "seed=0",
+    "shuffle_buffer=0",
+]
 
 
 def _config(dataset_uri: str, storage_uri: str, name: str, *extra: str) -> TrainConfig:
@@ -38,7 +46,11 @@ def dataset(s3_store):
     from medfusion.data.prepare import run_prepare
 
     uri = f"s3://{s3_store.state().bucket}/train-tests/data"
-    run_prepare(PrepareConfig(source="synthetic", output_uri=uri, overwrite=True, synth=SynthConfig(num_samples=SAMPLES, image_size=IMAGE)))
+    run_prepare(
+        PrepareConfig(
+            source="synthetic", output_uri=uri, overwrite=True, synth=SynthConfig(num_samples=SAMPLES, image_size=IMAGE)
+        )
+    )
     return uri
 
 
@@ -72,9 +84,9 @@ def test_bad_values_name_the_field(overrides, message):
 
 
 def test_missing_dataset_fails_before_any_worker_starts(tmp_path, monkeypatch):
-    import medfusion.train as train
+    import medfusion.training.run as run
 
-    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr(run, "fit", lambda *a, **k: pytest.fail("a worker was started"))
     missing = tmp_path / "no-such-dataset"
     with pytest.raises(ConfigError, match=rf"dataset_uri: {missing}: no dataset here"):
         run_train(_config(str(missing), str(tmp_path / "runs"), "r"))
@@ -104,8 +116,22 @@ def test_warmup_schedule(schedule, step, expected):
         ([3.0, 2.0, 2.5, 2.4, 1.0], "min", 2, 1, 4, None),  # two epochs without improvement: stop
         ([3.0, 2.0, 2.5, 1.5, 1.0], "min", 2, 4, None, None),  # improvement resets the count
         ([0.2, 0.5, 0.4, 0.6, 0.1], "max", 0, 3, None, None),  # patience 0 never stops
-        ([float("nan"), 0.3, 0.3, 0.3, 0.3], "max", 3, 1, None, None),  # NaN never wins; the stop would be the last epoch
-        ([0.9, 0.99, 0.99, 0.99, 0.98], "max", 2, 3, None, [5.0, 4.0, 3.0, 2.0, 1.0]),  # a tie goes to the lower val_loss
+        (
+            [float("nan"), 0.3, 0.3, 0.3, 0.3],
+            "max",
+            3,
+            1,
+            None,
+            None,
+        ),  # NaN never wins; the stop would be the last epoch
+        (
+            [0.9, 0.99, 0.99, 0.99, 0.98],
+            "max",
+            2,
+            3,
+            None,
+            [5.0, 4.0, 3.0, 2.0, 1.0],
+        ),  # a tie goes to the lower val_loss
         ([0.9, 0.99, 0.99, 0.99, 0.98], "max", 2, 1, 4, [5.0, 4.0, 4.0, 4.5, 1.0]),  # ...not to a higher one
     ],
 )
@@ -123,47 +149,64 @@ def test_deepspeed_config_follows_train_config():
     cfg = load_config(TrainConfig, overrides=["zero_stage=3", "grad_accum=4", "clip=0.5", "data.batch_size=8"])
     ds = DeepSpeedEngine.deepspeed_config(cfg, "bf16")
     assert ds["zero_optimization"] == {"stage": 3}
-    assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"]) == (4, 8, 0.5)
+    assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"]) == (
+        4,
+        8,
+        0.5,
+    )
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
-    assert "gradient_clipping" not in DeepSpeedEngine.deepspeed_config(load_config(TrainConfig, overrides=["clip=0"]), "fp32")
+    assert "gradient_clipping" not in DeepSpeedEngine.deepspeed_config(
+        load_config(TrainConfig, overrides=["clip=0"]), "fp32"
+    )
 
 
 def test_workers_print_each_line_once_on_the_accelerator_of_the_config():
-    from medfusion.train import worker_env
+    from medfusion.training.runtime import worker_env
 
     cpu = worker_env(load_train_config(preset="tiny", overrides=["dataset_uri=/nowhere"]))
     assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
-    assert worker_env(load_train_config(preset="tiny", overrides=["dataset_uri=/nowhere", "use_gpu=true"]))["DS_ACCELERATOR"] == "cuda"
-
-
-def test_job_command_line_carries_the_whole_config():
-    cfg = load_train_config(preset="tiny", overrides=["dataset_uri=s3://b/d", "name=r1", "ray_address=http://h:8265", "model.fusion=concat"])
-    assert load_config(TrainConfig, overrides=config_overrides(cfg)) == cfg
-    command = job_entrypoint(cfg)
-    words = shlex.split(command)
-    assert words[:3] == ["python", "-m", "medfusion.train"]
-    assert "ray_address=" in words and "model.cnn_widths=[16, 32, 64]" in words  # the job trains where it runs
-
-
-def test_ray_auth_token_lookup(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    assert auth_headers() == {}
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
-    assert auth_headers() == {"Authorization": "Bearer from-home"}
-    (tmp_path / "tok").write_text("from-path")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
-    assert auth_headers() == {"Authorization": "Bearer from-path"}
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    assert auth_headers() == {"Authorization": "Bearer from-env"}
+    assert (
+        worker_env(load_train_config(preset="tiny", overrides=["dataset_uri=/nowhere", "use_gpu=true"]))[
+            "DS_ACCELERATOR"
+        ]
+        == "cuda"
+    )
 
 
 def test_split_run_uri():
     assert split_run_uri("s3://b/runs/r1/") == ("s3://b/runs", "r1")
     with pytest.raises(ConfigError, match="resume"):
         split_run_uri("s3://b")
+
+
+def test_train_job_crosses_to_the_workers_as_plain_values():
+    job = TrainJob(
+        train=to_dict(load_train_config(preset="tiny", overrides=["dataset_uri=/nowhere"])),
+        run_uri="s3://b/runs/r1",
+        steps_per_epoch=3,
+        micro_batches_per_epoch=6,
+        bench={"warmup_steps": 1, "steps": 2},
+    )
+    config = job.to_dict()
+    assert json.loads(json.dumps(config)) == config  # Ray Train's train_loop_config holds plain values
+    assert TrainJob.from_dict(config) == job
+
+
+@pytest.mark.parametrize("dashboard, hook", [(True, "pin_ray_address"), (False, "quiet_placement_group_cleaner")])
+def test_embedded_ray_names_an_importable_worker_setup_hook(dashboard, hook, monkeypatch):
+    import importlib
+
+    import ray
+
+    from medfusion.training.runtime import ensure_ray
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    assert ensure_ray(load_train_config(preset="tiny", overrides=["dataset_uri=/nowhere"]), dashboard=dashboard)
+    module, _, name = calls[0]["runtime_env"]["worker_process_setup_hook"].rpartition(".")
+    assert name == hook and callable(getattr(importlib.import_module(module), name))
 
 
 # ---------------------------------------------------------------------------------------------- integration
@@ -182,10 +225,16 @@ def test_two_worker_deepspeed_run_on_s3(s3_run, dataset):
 
     # keep_checkpoints=1: only the newest checkpoint, holding every rank's ZeRO-2 shard.
     files = storage.list_files(result.run_uri)
-    assert {re.search(r"checkpoint_epoch\d+", f).group() for f in files if "/checkpoint_epoch" in f} == {"checkpoint_epoch0001"}
+    assert {re.search(r"checkpoint_epoch\d+", f).group() for f in files if "/checkpoint_epoch" in f} == {
+        "checkpoint_epoch0001"
+    }
     names = {f.rsplit("/", 1)[-1] for f in files if f.startswith(result.checkpoint_uri)}
-    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt", TRAIN_STATE_FILE} <= names  # fmt: skip
+    assert {
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        TRAIN_STATE_FILE,
+    } <= names
 
     predictor = Predictor.from_export(result.model_uri)
     from medfusion.data.dataset import iter_local_batches, open_dataset
@@ -215,7 +264,8 @@ def test_worker_setup_hook_pins_the_cluster_and_mutes_the_cleaner(ray_local, mon
     import logging
 
     import ray
-    from medfusion.train import quiet_placement_group_cleaner
+
+    from medfusion.training.runtime import quiet_placement_group_cleaner
 
     monkeypatch.setenv("RAY_ADDRESS", "another-cluster:6379")
     cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
@@ -233,14 +283,18 @@ def test_worker_killed_mid_epoch_resumes_and_finishes(s3_run, dataset, tmp_path)
     cfg, undisturbed = s3_run
     steps = undisturbed.history[0]["global_step"]
     kill_at = steps + max(1, steps // 2)  # inside epoch 1
-    faulty = _config(dataset, str(tmp_path), "faulty", f"fault_inject_step={kill_at}", "max_failures=1", "evaluate=false")
+    faulty = _config(
+        dataset, str(tmp_path), "faulty", f"fault_inject_step={kill_at}", "max_failures=1", "evaluate=false"
+    )
     result = run_train(faulty)
     assert storage.exists(storage.join(result.run_uri, FAULT_MARKER)), "the fault was not injected"
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert result.global_step == undisturbed.global_step == 2 * steps
-    for got, want in zip(result.history, undisturbed.history):
-        print(f"epoch {got['epoch']}: step {got['global_step']} vs {want['global_step']}, "
-              f"val_loss {got['val_loss']:.4f} vs {want['val_loss']:.4f} (killed at step {kill_at})")
+    for got, want in zip(result.history, undisturbed.history, strict=True):
+        print(
+            f"epoch {got['epoch']}: step {got['global_step']} vs {want['global_step']}, "
+            f"val_loss {got['val_loss']:.4f} vs {want['val_loss']:.4f} (killed at step {kill_at})"
+        )
         assert got["global_step"] == want["global_step"]
         # Not equal: Ray Data's split coordinator hands blocks to whichever worker asks first, so the
         # batches differ run to run. Three steps an epoch leave the box losses far from converged:
@@ -250,15 +304,21 @@ def test_worker_killed_mid_epoch_resumes_and_finishes(s3_run, dataset, tmp_path)
 
 @pytest.mark.integration
 def test_resume_of_a_stopped_run_continues_at_the_saved_epoch(dataset, tmp_path, ray_local):
-    from medfusion.train import _plan
+    from medfusion.training.run import plan_run
 
-    steps = _plan(_config(dataset, str(tmp_path), "probe"))[1].steps_per_epoch
+    steps = plan_run(_config(dataset, str(tmp_path), "probe"))[1].steps_per_epoch
     # A run that dies in its third epoch with no restarts left (max_failures=0) is a stopped run;
     # DDP here, so both strategies checkpoint and resume.
     stopped = _config(
-        dataset, str(tmp_path), "stopped", "epochs=3", "strategy=ddp", "max_failures=0", "evaluate=false",
+        dataset,
+        str(tmp_path),
+        "stopped",
+        "epochs=3",
+        "strategy=ddp",
+        "max_failures=0",
+        "evaluate=false",
         f"fault_inject_step={2 * steps + 1}",
-    )  # fmt: skip
+    )
     with pytest.raises(RuntimeError, match="failed"):
         run_train(stopped)
     run_uri = storage.join(str(tmp_path), "stopped")
@@ -297,16 +357,31 @@ def test_quality_on_the_synthetic_benchmark(tmp_path, ray_local):
     from medfusion.data.prepare import run_prepare
 
     data = str(tmp_path / "data")
-    run_prepare(PrepareConfig(
-        source="synthetic", output_uri=data, synth=SynthConfig(num_samples=QUALITY_SAMPLES, image_size=QUALITY_IMAGE),
-    ))  # fmt: skip
+    run_prepare(
+        PrepareConfig(
+            source="synthetic",
+            output_uri=data,
+            synth=SynthConfig(num_samples=QUALITY_SAMPLES, image_size=QUALITY_IMAGE),
+        )
+    )
     accuracy, iou = {}, {}
     for fusion in ("gated", "image_only", "text_only"):
-        cfg = load_train_config(preset="small", overrides=[
-            f"dataset_uri={data}", f"storage_uri={tmp_path / 'runs'}", f"name=quality-{fusion}", f"model.fusion={fusion}",
-            f"epochs={QUALITY_EPOCHS}", "lr=3e-3", "warmup_steps=100", "patience=0",
-            "num_workers=2", "cpus_per_worker=0.5", "keep_checkpoints=1",
-        ])  # fmt: skip
+        cfg = load_train_config(
+            preset="small",
+            overrides=[
+                f"dataset_uri={data}",
+                f"storage_uri={tmp_path / 'runs'}",
+                f"name=quality-{fusion}",
+                f"model.fusion={fusion}",
+                f"epochs={QUALITY_EPOCHS}",
+                "lr=3e-3",
+                "warmup_steps=100",
+                "patience=0",
+                "num_workers=2",
+                "cpus_per_worker=0.5",
+                "keep_checkpoints=1",
+            ],
+        )
         test = run_train(cfg).test_metrics
         accuracy[fusion], iou[fusion] = test["accuracy"], test["mean_iou"]
     print(f"\nquality: accuracy {accuracy}, mean IoU {iou}")

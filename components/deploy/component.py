@@ -1,11 +1,11 @@
-"""KFP component: deploy (medfusion.orchestration.deploy): publish the model, deploy the Serve app."""
+"""KFP component: deploy (medfusion.orchestration.deploy.deploy): publish the model, deploy the Serve app."""
 
 from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Model, Output
 
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -40,9 +40,19 @@ def deploy(
     import dataclasses
     from collections import namedtuple
 
-    from medfusion import orchestration
+    from medfusion.orchestration import artifacts, kuberay
+    from medfusion.orchestration import deploy as deployment
 
-    result = orchestration.deploy(model_uri, registry_uri, model_name, serve_config, ray_address,
-                                  serve_url=serve_url, kuberay=orchestration.kuberay_options(namespace, image))
-    orchestration.record_artifact(published, result.model_uri, dataclasses.asdict(result))
-    return namedtuple("DeployOutputs", ["url", "model_uri", "serve_config_uri"])(result.url, result.model_uri, result.serve_config_uri)
+    result = deployment.deploy(
+        model_uri,
+        registry_uri,
+        model_name,
+        serve_config,
+        ray_address,
+        serve_url=serve_url,
+        kuberay=kuberay.kuberay_options(namespace, image),
+    )
+    artifacts.record_artifact(published, result.model_uri, dataclasses.asdict(result))
+    return namedtuple("DeployOutputs", ["url", "model_uri", "serve_config_uri"])(
+        result.url, result.model_uri, result.serve_config_uri
+    )

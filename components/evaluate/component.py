@@ -4,7 +4,7 @@ matrix (ClassificationMetrics) and the HTML report."""
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Output
 
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -35,8 +35,8 @@ def evaluate(
         namespace: namespace of the RayJob (kuberay).
         image: image of the RayJob's pods (kuberay).
     """
-    from medfusion import orchestration
+    from medfusion.orchestration import artifacts, kuberay, stages
 
-    values = {**config, "model_uri": model_uri, "data_uri": orchestration.artifact_uri(dataset), "split": split}
-    result = orchestration.run_stage("evaluate", values, ray_address, kuberay=orchestration.kuberay_options(namespace, image))
-    return orchestration.log_evaluation(result, metrics, classification, report)
+    values = {**config, "model_uri": model_uri, "data_uri": artifacts.artifact_uri(dataset), "split": split}
+    result = stages.run_stage("evaluate", values, ray_address, kuberay=kuberay.kuberay_options(namespace, image))
+    return artifacts.log_evaluation(result, metrics, classification, report)

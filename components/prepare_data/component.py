@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -31,9 +31,9 @@ def prepare_data(
         namespace: namespace of the RayJob (kuberay).
         image: image of the RayJob's pods (kuberay).
     """
-    from medfusion import orchestration
+    from medfusion.orchestration import artifacts, kuberay, stages
 
     values = {**config, "source": source, "source_uri": source_uri, "output_uri": output_uri, "preset": preset}
-    result = orchestration.run_stage("prepare", values, ray_address, kuberay=orchestration.kuberay_options(namespace, image))
-    orchestration.record_artifact(dataset, result["dataset_uri"], result)
+    result = stages.run_stage("prepare", values, ray_address, kuberay=kuberay.kuberay_options(namespace, image))
+    artifacts.record_artifact(dataset, result["dataset_uri"], result)
     return result["dataset_uri"]

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -18,8 +18,8 @@ def quality_gate(metrics: dict, gates: dict, decision: Output[Markdown]) -> bool
         gates: {metric: minimum}.
         decision: each gated metric against its threshold, and the verdict.
     """
-    from medfusion import orchestration
+    from medfusion.orchestration import gate
 
-    result = orchestration.quality_gate(metrics, gates)
-    orchestration.write_gate_decision(decision, result)
+    result = gate.quality_gate(metrics, gates)
+    gate.write_gate_decision(decision, result)
     return result.passed

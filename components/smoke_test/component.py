@@ -1,11 +1,13 @@
-"""KFP component: smoke-test the deployed application (medfusion.orchestration.run_smoke_test)."""
+"""KFP component: smoke-test the deployed application (medfusion.orchestration.deploy.run_smoke_test)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input
 
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
 
+# token_env's default is medfusion.config.SERVE_TOKEN_ENV written out: KFP ships the function's source,
+# signature included, to run it in the step, where a module constant named in a default is undefined.
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def smoke_test(
     dataset: Input[Dataset],
@@ -24,6 +26,6 @@ def smoke_test(
         ray_address: empty, http://HEAD:8265 or kuberay.
         token_env: environment variable holding the bearer token (cluster targets).
     """
-    from medfusion import orchestration
+    from medfusion.orchestration import artifacts, deploy
 
-    return orchestration.run_smoke_test(ray_address, url, serve_config_uri, orchestration.artifact_uri(dataset), token_env)
+    return deploy.run_smoke_test(ray_address, url, serve_config_uri, artifacts.artifact_uri(dataset), token_env)

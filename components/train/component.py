@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -31,10 +31,10 @@ def train(
         namespace: namespace of the RayJob (kuberay).
         image: image of the RayJob's pods (kuberay).
     """
-    from medfusion import orchestration
+    from medfusion.orchestration import artifacts, kuberay, stages
 
-    values = {**config, "dataset_uri": orchestration.artifact_uri(dataset), "storage_uri": storage_uri, "preset": preset}
-    result = orchestration.run_stage("train", values, ray_address, kuberay=orchestration.kuberay_options(namespace, image))
-    orchestration.record_artifact(model, result["model_uri"], result)
-    orchestration.log_result_metrics(metrics, result)
+    values = {**config, "dataset_uri": artifacts.artifact_uri(dataset), "storage_uri": storage_uri, "preset": preset}
+    result = stages.run_stage("train", values, ray_address, kuberay=kuberay.kuberay_options(namespace, image))
+    artifacts.record_artifact(model, result["model_uri"], result)
+    artifacts.log_result_metrics(metrics, result)
     return result["model_uri"]

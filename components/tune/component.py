@@ -1,15 +1,14 @@
 """KFP component: the tune stage (medfusion.tune.run_tune) -> the best Model, the leaderboard, Metrics.
 
-Written against the tune issue's contract (DESIGN.md): ``run_tune(TuneConfig) -> TuneResult`` with the
-dataset URI, the run storage and the search space in, and ``model_uri`` (the best trial's export),
-``leaderboard_uri`` (leaderboard.json) and ``best_metrics`` out. The pipeline runs it only with
-``use_tune=true``.
+``run_tune(TuneConfig) -> TuneResult``: the dataset URI, the run storage and the search space in,
+``model_uri`` (the best trial's export), ``leaderboard_uri`` (leaderboard.json) and ``best_metrics`` out.
+The pipeline runs it only with ``use_tune=true``.
 """
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
-from medfusion.orchestration import DEFAULT_IMAGE
+from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -41,12 +40,17 @@ def tune(
         namespace: namespace of the RayJob (kuberay).
         image: image of the RayJob's pods (kuberay).
     """
-    from medfusion import orchestration
+    from medfusion.orchestration import artifacts, kuberay, stages
 
-    values = {**config, "dataset_uri": orchestration.artifact_uri(dataset), "storage_uri": storage_uri,
-              "search_space": search_space, "preset": preset}
-    result = orchestration.run_stage("tune", values, ray_address, kuberay=orchestration.kuberay_options(namespace, image))
-    orchestration.record_artifact(model, result["model_uri"], result)
-    orchestration.write_leaderboard(leaderboard, result["leaderboard_uri"])
-    orchestration.log_result_metrics(metrics, result)
+    values = {
+        **config,
+        "dataset_uri": artifacts.artifact_uri(dataset),
+        "storage_uri": storage_uri,
+        "search_space": search_space,
+        "preset": preset,
+    }
+    result = stages.run_stage("tune", values, ray_address, kuberay=kuberay.kuberay_options(namespace, image))
+    artifacts.record_artifact(model, result["model_uri"], result)
+    artifacts.write_leaderboard(leaderboard, result["leaderboard_uri"])
+    artifacts.log_result_metrics(metrics, result)
     return result["model_uri"]

@@ -15,12 +15,18 @@ import typing
 from typing import Any
 
 from medfusion import config as C
+from medfusion.bench.ingest import IngestBenchConfig
+from medfusion.bench.serve import ServeBenchConfig
+from medfusion.bench.train import TrainBenchConfig
+from medfusion.bench.tune import TuneBenchConfig
+from medfusion.loader import apply_preset, field_docs, load_config
 from medfusion.store import DEFAULT_ROOT
+from medfusion.tuning.config import TuneConfig
 
 
 def _fields_help(cls: type, prefix: str = "") -> list[str]:
     """One line per (nested) field: `key (default): doc`."""
-    docs = C.field_docs(cls)
+    docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     lines: list[str] = []
     for f in dataclasses.fields(cls):
@@ -44,19 +50,17 @@ def _config_parser(sub, name: str, cls: type, help_text: str, presets: bool = Tr
     parser.add_argument("--config", help="YAML file of settings (partial; overrides go on top)")
     if presets:
         parser.add_argument("--preset", choices=C.PRESETS, help="size preset applied before --config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. synth.num_samples=1000")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. synth.num_samples=1000"
+    )
     return parser
 
 
-def _load(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None, sections: tuple[str, ...] = ()) -> Any:
-    values: dict[str, Any] = dict(base or {})
-    preset = getattr(args, "preset", None)
-    if preset:
-        for section in sections:
-            part = C.preset_values(preset, section)
-            if part:
-                values[section] = {**part, **values.get(section, {})}
-    return C.load_config(cls, args.config, args.overrides, base=values)
+def _load(
+    cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None, sections: tuple[str, ...] = ()
+) -> Any:
+    values = apply_preset(getattr(args, "preset", None) or "", dict(base or {}), sections)
+    return load_config(cls, args.config, args.overrides, base=values)
 
 
 def _use_local_store_env(root: str) -> None:
@@ -81,7 +85,9 @@ def cmd_store(args: argparse.Namespace) -> int:
     store = Store(args.root)
     if args.action == "up":
         state = store.up(s3_port=args.port)
-        print(f"# SeaweedFS S3 at {state.endpoint} (pid {state.pid}, data {state.data_dir}, bucket s3://{state.bucket})")
+        print(
+            f"# SeaweedFS S3 at {state.endpoint} (pid {state.pid}, data {state.data_dir}, bucket s3://{state.bucket})"
+        )
         print(export_lines(state.env()))
     elif args.action == "down":
         stopped = store.down()
@@ -91,7 +97,12 @@ def cmd_store(args: argparse.Namespace) -> int:
         if not state:
             print("not running")
             return 1
-        print(json.dumps({"endpoint": state.endpoint, "pid": state.pid, "bucket": state.bucket, "data_dir": state.data_dir}, indent=2))
+        print(
+            json.dumps(
+                {"endpoint": state.endpoint, "pid": state.pid, "bucket": state.bucket, "data_dir": state.data_dir},
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -133,14 +144,18 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"dataset {summary['uri']}  version {summary['version']}  created {summary['created_at']}")
-    print(f"source {summary['source'].get('type')}  classes {len(summary['classes'])}  vocab {summary['vocab_size']}  "
-          f"multi-label {summary['multi_label']}  rejected rows {summary['rejected']}")
+    print(
+        f"source {summary['source'].get('type')}  classes {len(summary['classes'])}  vocab {summary['vocab_size']}  "
+        f"multi-label {summary['multi_label']}  rejected rows {summary['rejected']}"
+    )
     classes = summary["classes"]
     width = max(len(c) for c in classes + ["class"])
     splits = list(summary["splits"])
     print(f"{'class':<{width}}  " + "  ".join(f"{s:>7}" for s in splits))
     for name in classes:
-        print(f"{name:<{width}}  " + "  ".join(f"{summary['splits'][s]['class_counts'].get(name, 0):>7}" for s in splits))
+        print(
+            f"{name:<{width}}  " + "  ".join(f"{summary['splits'][s]['class_counts'].get(name, 0):>7}" for s in splits)
+        )
     print(f"{'rows':<{width}}  " + "  ".join(f"{summary['splits'][s]['rows']:>7}" for s in splits))
     print(f"{'shards':<{width}}  " + "  ".join(f"{summary['splits'][s]['shards']:>7}" for s in splits))
     if "verified_shards" in summary:
@@ -154,7 +169,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     base: dict[str, Any] = {}
     if args.samples:
         base["samples"] = args.samples
-    cfg = _load(C.IngestBenchConfig, args, base)
+    cfg = _load(IngestBenchConfig, args, base)
     _use_local_store_env(args.store_root)
     result = run_ingest_bench(cfg, store_root=args.store_root)
     print(json.dumps(result))
@@ -174,8 +189,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from medfusion.tune import load_tune_config, run_tune
 
-    given = {"dataset_uri": args.data, "search_space_file": args.search_space, "name": args.name,
-             "seeds": None if args.seeds is None else str(args.seeds)}  # fmt: skip
+    given = {
+        "dataset_uri": args.data,
+        "search_space_file": args.search_space,
+        "name": args.name,
+        "seeds": None if args.seeds is None else str(args.seeds),
+    }
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in given.items() if value]
     _use_local_store_env(args.store_root)  # --resume reads the sweep's saved config from the store
     cfg = load_tune_config(args.config, overrides, preset=args.preset, resume=args.resume)
@@ -192,7 +211,7 @@ def _trial_settings_help() -> list[str]:
     for line in _fields_help(C.TrainConfig, "train."):
         key = line.split(" = ", 1)[0].strip().removeprefix("train.")
         if key in TRIAL_DEFAULTS:  # tune's own default for its trials
-            line = f"  train.{key} = {TRIAL_DEFAULTS[key]!r}" + line[line.index("\n"):]
+            line = f"  train.{key} = {TRIAL_DEFAULTS[key]!r}" + line[line.index("\n") :]
         if not line.startswith(hidden):
             lines.append(line)
     return lines
@@ -206,7 +225,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         base["device"] = args.device
     if args.zero:
         base["zero_stages"] = [int(z) for z in args.zero.split(",")]
-    cfg = _load(C.TrainBenchConfig, args, base)
+    cfg = _load(TrainBenchConfig, args, base)
     _use_local_store_env(args.store_root)
     print(json.dumps(run_train_bench(cfg, store_root=args.store_root)))
     return 0
@@ -215,7 +234,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_tune(args: argparse.Namespace) -> int:
     from medfusion.bench.tune import run_tune_bench
 
-    cfg = _load(C.TuneBenchConfig, args)
+    cfg = _load(TuneBenchConfig, args)
     _use_local_store_env(args.store_root)
     print(json.dumps(run_tune_bench(cfg, store_root=args.store_root)))
     return 0
@@ -233,7 +252,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from medfusion.serving import serve_forever
+    from medfusion.serve.app import serve_forever
 
     cfg = _load(C.ServeConfig, args, {"model": args.model} if args.model else {})
     _use_local_store_env(args.store_root)
@@ -244,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from medfusion.bench.serve import run_serve_bench
 
-    cfg = _load(C.ServeBenchConfig, args, {"model": args.model} if args.model else {})
+    cfg = _load(ServeBenchConfig, args, {"model": args.model} if args.model else {})
     _use_local_store_env(args.store_root)
     result = run_serve_bench(cfg)
     print(json.dumps(result))
@@ -252,14 +271,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
-    from medfusion.orchestration import PipelineConfig, run_pipeline_local
+    from medfusion.orchestration.pipeline import PipelineConfig
+    from medfusion.pipelines.run import run_pipeline_local
 
-    cfg = C.load_config(PipelineConfig, args.config, args.overrides)
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
     _use_local_store_env(args.store_root)
     result = run_pipeline_local(cfg, args.pipeline_root, enable_caching=not args.no_cache)
-    print(json.dumps(result["outputs"], indent=2, default=str))
-    print(f"step outputs (artifacts, logs' executor files): {result['run_dir']}")
-    print(f"deployed: {result['deployed_to']}" if result["deployed_to"] else "deploy: blocked by the quality gate")
+    print(json.dumps(result.outputs, indent=2, default=str))
+    print(f"step outputs (artifacts, logs' executor files): {result.run_dir}")
+    print(f"deployed: {result.deployed_to}" if result.deployed_to else "deploy: blocked by the quality gate")
     return 0
 
 
@@ -271,15 +291,23 @@ def cmd_pipeline_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_submit(args: argparse.Namespace) -> int:
-    from medfusion.orchestration import PipelineConfig, submit_pipeline
+    from medfusion.orchestration.pipeline import PipelineConfig
+    from medfusion.pipelines.run import submit_pipeline
 
-    cfg = C.load_config(PipelineConfig, args.config, args.overrides)
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
     submitted = submit_pipeline(
-        cfg, args.host, namespace=args.namespace, experiment=args.experiment, run_name=args.run_name,
-        service_account=args.service_account, existing_token=args.token, cookies=args.cookies,
-        ssl_ca_cert=args.ssl_ca_cert, enable_caching=False if args.no_cache else None,
+        cfg,
+        args.host,
+        namespace=args.namespace,
+        experiment=args.experiment,
+        run_name=args.run_name,
+        service_account=args.service_account,
+        existing_token=args.token,
+        cookies=args.cookies,
+        ssl_ca_cert=args.ssl_ca_cert,
+        enable_caching=False if args.no_cache else None,
     )
-    print(f"submitted run {submitted['run_id']}: {submitted['url']}")
+    print(f"submitted run {submitted.run_id}: {submitted.url}")
     return 0
 
 
@@ -303,7 +331,9 @@ def cmd_models_register(args: argparse.Namespace) -> int:
     from medfusion import registry
 
     _use_local_store_env(args.store_root)
-    registered = registry.register(args.export, args.registry, args.name, version=args.version, set_latest=not args.no_latest)
+    registered = registry.register(
+        args.export, args.registry, args.name, version=args.version, set_latest=not args.no_latest
+    )
     print(f"registered {registered.ref} at {registered.uri}{' (latest)' if registered.is_latest else ''}")
     return 0
 
@@ -311,7 +341,7 @@ def cmd_models_register(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medfusion.demo import DemoConfig, run_demo
 
-    cfg = C.load_config(DemoConfig, args.config, args.overrides, base={"store_root": args.store_root})
+    cfg = load_config(DemoConfig, args.config, args.overrides, base={"store_root": args.store_root})
     run_demo(cfg)
     return 0
 
@@ -344,7 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", help="dataset root to write (path or s3://...); same as output_uri=")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     synth.set_defaults(func=cmd_data_synth)
-    ingest = _config_parser(data_sub, "ingest", C.PrepareConfig, "ingest a generic manifest (CSV/JSONL) or an IU X-Ray folder", presets=False)
+    ingest = _config_parser(
+        data_sub,
+        "ingest",
+        C.PrepareConfig,
+        "ingest a generic manifest (CSV/JSONL) or an IU X-Ray folder",
+        presets=False,
+    )
     ingest.add_argument("--source", choices=["manifest", "iu_xray"], required=True, help="source layout")
     ingest.add_argument("--input", required=True, help="the manifest file, or the IU X-Ray folder")
     ingest.add_argument("--out", help="dataset root to write (path or s3://...)")
@@ -358,40 +394,90 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = groups.add_parser("bench", help="benchmarks: this system vs its plain baseline, JSON on the last line")
     bench_sub = bench.add_subparsers(dest="action", required=True)
-    bi = _config_parser(bench_sub, "ingest", C.IngestBenchConfig, "Ray Data vs a PyTorch DataLoader vs the decode ceiling", presets=False)
+    bi = _config_parser(
+        bench_sub, "ingest", IngestBenchConfig, "Ray Data vs a PyTorch DataLoader vs the decode ceiling", presets=False
+    )
     bi.add_argument("--samples", type=int, help="N (same as samples=N)")
     bi.set_defaults(func=cmd_bench_ingest)
-    bsv = _config_parser(bench_sub, "serve", C.ServeBenchConfig, "Ray Serve (batched) vs plain FastAPI/uvicorn vs the offline model", presets=False)
-    bsv.add_argument("--model", help="export to serve, path or s3:// (default: an untrained export of preset=, tiny unless set); same as model=")
+    bsv = _config_parser(
+        bench_sub,
+        "serve",
+        ServeBenchConfig,
+        "Ray Serve (batched) vs plain FastAPI/uvicorn vs the offline model",
+        presets=False,
+    )
+    bsv.add_argument(
+        "--model",
+        help="export to serve, path or s3:// (default: an untrained export of preset=, tiny unless set); "
+        "same as model=",
+    )
     bsv.set_defaults(func=cmd_bench_serve)
-    srv = _config_parser(groups, "serve", C.ServeConfig, "serve a model over HTTP with Ray Serve on the embedded Ray (Ctrl-C stops)", presets=False)
-    srv.add_argument("--model", help="export folder (path or s3://), or NAME[:VERSION] from the registry; same as model=")
-    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s; 0.0.0.0 for all)")
+    srv = _config_parser(
+        groups,
+        "serve",
+        C.ServeConfig,
+        "serve a model over HTTP with Ray Serve on the embedded Ray (Ctrl-C stops)",
+        presets=False,
+    )
+    srv.add_argument(
+        "--model", help="export folder (path or s3://), or NAME[:VERSION] from the registry; same as model="
+    )
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (default: %(default)s; 0.0.0.0 for all)"
+    )
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     srv.add_argument("--name", default="medfusion", help="Serve application name (default: %(default)s)")
     srv.add_argument("--route-prefix", default="/", help="URL prefix of the application (default: %(default)s)")
     srv.set_defaults(func=cmd_serve)
-    train = _config_parser(groups, "train", C.TrainConfig, "train with Ray Train + DeepSpeed (or DDP), streaming the dataset from S3")
+    train = _config_parser(
+        groups, "train", C.TrainConfig, "train with Ray Train + DeepSpeed (or DDP), streaming the dataset from S3"
+    )
     train.add_argument("--data", help="dataset root (path or s3://); same as dataset_uri=")
     train.add_argument("--resume", help="a run folder (path or s3://) to continue from its newest checkpoint")
     train.set_defaults(func=cmd_train)
-    tune = _config_parser(groups, "tune", C.TuneConfig, "sweep hyperparameters and fusion strategies with Ray Tune (every trial a Ray Train + DeepSpeed run)")
-    tune.epilog += "\n\ntrial training settings (train.KEY=VALUE; also search-space keys):\n" + "\n".join(_trial_settings_help())
+    tune = _config_parser(
+        groups,
+        "tune",
+        TuneConfig,
+        "sweep hyperparameters and fusion strategies with Ray Tune (every trial a Ray Train + DeepSpeed run)",
+    )
+    tune.epilog += "\n\ntrial training settings (train.KEY=VALUE; also search-space keys):\n" + "\n".join(
+        _trial_settings_help()
+    )
     tune.add_argument("--data", help="dataset root (path or s3://); same as dataset_uri=")
-    tune.add_argument("--search-space", metavar="FILE", help="search-space YAML (path or s3://); same as search_space_file=")
+    tune.add_argument(
+        "--search-space", metavar="FILE", help="search-space YAML (path or s3://); same as search_space_file="
+    )
     tune.add_argument("--name", help="sweep name (its folder under storage_uri); same as name=")
     tune.add_argument("--seeds", type=int, help="ablation seeds per variant (0 skips the ablation); same as seeds=")
-    tune.add_argument("--resume", action="store_true", help="continue the interrupted sweep <storage_uri>/<name> from its saved state")
+    tune.add_argument(
+        "--resume", action="store_true", help="continue the interrupted sweep <storage_uri>/<name> from its saved state"
+    )
     tune.set_defaults(func=cmd_tune)
-    btr = _config_parser(bench_sub, "train", C.TrainBenchConfig, "Ray Train + DeepSpeed vs a plain PyTorch loop (samples/s, memory)", presets=False)
+    btr = _config_parser(
+        bench_sub,
+        "train",
+        TrainBenchConfig,
+        "Ray Train + DeepSpeed vs a plain PyTorch loop (samples/s, memory)",
+        presets=False,
+    )
     btr.add_argument("--device", choices=["cpu", "cuda"], help="same as device=")
     btr.add_argument("--zero", help="ZeRO stages to measure, e.g. 0,1,2,3; same as zero_stages=")
     btr.set_defaults(func=cmd_bench_train)
-    btu = _config_parser(bench_sub, "tune", C.TuneBenchConfig, "ASHA vs random vs grid search; Ray Tune vs a process pool (no-op trials)", presets=False)
+    btu = _config_parser(
+        bench_sub,
+        "tune",
+        TuneBenchConfig,
+        "ASHA vs random vs grid search; Ray Tune vs a process pool (no-op trials)",
+        presets=False,
+    )
     btu.set_defaults(func=cmd_bench_tune)
 
     evaluate = _config_parser(
-        groups, "evaluate", C.EvaluateConfig, "score an exported model on a dataset split: metrics.json, plots, report.html",
+        groups,
+        "evaluate",
+        C.EvaluateConfig,
+        "score an exported model on a dataset split: metrics.json, plots, report.html",
         presets=False,
     )
     evaluate.add_argument("--model", help="export folder of the model (path or s3://); same as model_uri=")
@@ -400,26 +486,47 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="train, val or test (default: test); same as split=")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    from medfusion.orchestration import PipelineConfig
+    from medfusion.orchestration.pipeline import PipelineConfig
 
     pipeline = groups.add_parser("pipeline", help="the Kubeflow pipeline: run it here, compile it, submit it")
     pipeline_sub = pipeline.add_subparsers(dest="action", required=True)
-    prun = _config_parser(pipeline_sub, "run", PipelineConfig, "run the whole pipeline here with kfp.local (embedded Ray)", presets=False)
-    prun.add_argument("--local", action="store_true", required=True, help="kfp.local's SubprocessRunner (the only way `run` runs; use `submit` for a KFP server)")
-    prun.add_argument("--pipeline-root", default=".medfusion/pipeline", help="folder of every step's artifacts (default: %(default)s)")
+    prun = _config_parser(
+        pipeline_sub, "run", PipelineConfig, "run the whole pipeline here with kfp.local (embedded Ray)", presets=False
+    )
+    prun.add_argument(
+        "--local",
+        action="store_true",
+        required=True,
+        help="kfp.local's SubprocessRunner (the only way `run` runs; use `submit` for a KFP server)",
+    )
+    prun.add_argument(
+        "--pipeline-root", default=".medfusion/pipeline", help="folder of every step's artifacts (default: %(default)s)"
+    )
     prun.add_argument("--no-cache", action="store_true", help="rerun every step instead of reusing cached outputs")
     prun.set_defaults(func=cmd_pipeline_run)
     pcompile = pipeline_sub.add_parser("compile", help="compile the pipeline to KFP YAML")
-    pcompile.add_argument("--output", default="medfusion_pipeline.yaml", help="YAML file to write (default: %(default)s)")
+    pcompile.add_argument(
+        "--output", default="medfusion_pipeline.yaml", help="YAML file to write (default: %(default)s)"
+    )
     pcompile.set_defaults(func=cmd_pipeline_compile)
-    psubmit = _config_parser(pipeline_sub, "submit", PipelineConfig, "submit a run to a Kubeflow Pipelines server", presets=False)
+    psubmit = _config_parser(
+        pipeline_sub, "submit", PipelineConfig, "submit a run to a Kubeflow Pipelines server", presets=False
+    )
     psubmit.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
     psubmit.add_argument("--namespace", default="", help="Kubeflow profile namespace (multi-user installs)")
     psubmit.add_argument("--experiment", default="medfusion", help="experiment name (default: %(default)s)")
     psubmit.add_argument("--run-name", default="", help="run name (default: KFP's)")
-    psubmit.add_argument("--service-account", default="", help="service account of the steps; medfusion-pipeline for ray_address=kuberay (k8s/)")
+    psubmit.add_argument(
+        "--service-account",
+        default="",
+        help="service account of the steps; medfusion-pipeline for ray_address=kuberay (k8s/)",
+    )
     psubmit.add_argument("--token", default=os.environ.get("KFP_TOKEN", ""), help="bearer token (default: $KFP_TOKEN)")
-    psubmit.add_argument("--cookies", default=os.environ.get("KFP_COOKIES", ""), help="session cookies, e.g. authservice_session=... (default: $KFP_COOKIES)")
+    psubmit.add_argument(
+        "--cookies",
+        default=os.environ.get("KFP_COOKIES", ""),
+        help="session cookies, e.g. authservice_session=... (default: $KFP_COOKIES)",
+    )
     psubmit.add_argument("--ssl-ca-cert", default="", help="CA bundle of the endpoint's TLS certificate")
     psubmit.add_argument("--no-cache", action="store_true", help="disable KFP's step caching for this run")
     psubmit.set_defaults(func=cmd_pipeline_submit)
@@ -446,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from medfusion.demo import DemoConfig
 
-    demo = _config_parser(groups, "demo", DemoConfig, "the main job end to end on the embedded local store and Ray", presets=False)
+    demo = _config_parser(
+        groups, "demo", DemoConfig, "the main job end to end on the embedded local store and Ray", presets=False
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -485,5 +594,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

@@ -1,39 +1,35 @@
-"""Typed configuration for every stage.
+"""Typed configuration of every stage: the schemas, and nothing that reads files.
 
 Each stage takes one dataclass. A field's docstring (the string literal right under it) becomes its
 ``--help`` text; validation lives in ``__post_init__`` and names the field and the allowed values.
-YAML files are partial overrides of the defaults, and the CLI accepts dotted overrides such as
-``data.image_size=64``. Presets (``tiny``, ``small``, ``base``) are YAML files in
-``medfusion/configs/presets`` applied before the user's file.
+How a config is built (defaults <- preset <- YAML file <- dotted overrides) is `medfusion.loader`;
+the sweep's schema is `medfusion.tuning.config`; each benchmark's config sits beside its benchmark.
+
+This is the bottom layer with `medfusion.storage`: it imports nothing of medfusion, and everything
+may import it. One file for all stage schemas because they nest (TrainConfig holds ModelConfig and
+DataConfig; TuneConfig and the benches hold them too) and the CLI's help is generated from them.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any, TypeVar
-
-import yaml
-
-T = TypeVar("T")
 
 PRESETS = ("tiny", "small", "base")
 SOURCES = ("synthetic", "manifest", "iu_xray")
+SPLITS = ("train", "val", "test")
 FUSIONS = ("concat", "gated", "bilinear", "cross_attention", "image_only", "text_only")
+# The environment variable holding the inference API's bearer token (ServeConfig.auth_token_env's default).
+SERVE_TOKEN_ENV = "MEDFUSION_SERVE_TOKEN"
+# The `ray_address` value that runs a stage as a KubeRay RayJob (medfusion.orchestration.stages.ray_target).
+KUBERAY = "kuberay"
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-def _check(condition: bool, name: str, message: str) -> None:
+def check(condition: bool, name: str, message: str) -> None:
+    """Raise ConfigError("<name>: <message>") unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{name}: {message}")
 
@@ -73,18 +69,18 @@ class SynthConfig:
     """Seed; the whole dataset is a deterministic function of it and the fields above."""
 
     def __post_init__(self) -> None:
-        _check(self.num_samples > 0, "synth.num_samples", f"must be > 0, got {self.num_samples}")
-        _check(16 <= self.image_size <= 1024, "synth.image_size", f"must be in [16, 1024], got {self.image_size}")
-        _check(len(self.classes) >= 2, "synth.classes", "needs at least 2 classes")
-        _check(len(set(self.classes)) == len(self.classes), "synth.classes", "has duplicates")
-        _check(
+        check(self.num_samples > 0, "synth.num_samples", f"must be > 0, got {self.num_samples}")
+        check(16 <= self.image_size <= 1024, "synth.image_size", f"must be in [16, 1024], got {self.image_size}")
+        check(len(self.classes) >= 2, "synth.classes", "needs at least 2 classes")
+        check(len(set(self.classes)) == len(self.classes), "synth.classes", "has duplicates")
+        check(
             not self.class_weights or len(self.class_weights) == len(self.classes),
             "synth.class_weights",
             f"needs one weight per class ({len(self.classes)}), got {len(self.class_weights)}",
         )
-        _check(all(w >= 0 for w in self.class_weights), "synth.class_weights", "must be >= 0")
-        _check(0.0 <= self.label_noise < 1.0, "synth.label_noise", f"must be in [0, 1), got {self.label_noise}")
-        _check(self.images_per_patient >= 1, "synth.images_per_patient", "must be >= 1")
+        check(all(w >= 0 for w in self.class_weights), "synth.class_weights", "must be >= 0")
+        check(0.0 <= self.label_noise < 1.0, "synth.label_noise", f"must be in [0, 1), got {self.label_noise}")
+        check(self.images_per_patient >= 1, "synth.images_per_patient", "must be >= 1")
 
 
 @dataclass
@@ -99,9 +95,9 @@ class SplitConfig:
     """Salt of the patient hash; change it to draw a different split."""
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.val < 1.0, "split.val", f"must be in [0, 1), got {self.val}")
-        _check(0.0 <= self.test < 1.0, "split.test", f"must be in [0, 1), got {self.test}")
-        _check(self.val + self.test < 1.0, "split", "val + test must leave room for train")
+        check(0.0 <= self.val < 1.0, "split.val", f"must be in [0, 1), got {self.val}")
+        check(0.0 <= self.test < 1.0, "split.test", f"must be in [0, 1), got {self.test}")
+        check(self.val + self.test < 1.0, "split", "val + test must leave room for train")
 
 
 @dataclass
@@ -139,22 +135,22 @@ class PrepareConfig:
     """Patient-level split fractions for rows without an explicit split."""
 
     def __post_init__(self) -> None:
-        _check(self.source in SOURCES, "source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        _check(
+        check(self.source in SOURCES, "source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        check(
             self.source == "synthetic" or bool(self.source_uri),
             "source_uri",
             f"is required for source={self.source}",
         )
-        _check(self.shard_size_mb > 0, "shard_size_mb", f"must be > 0, got {self.shard_size_mb}")
-        _check(
+        check(self.shard_size_mb > 0, "shard_size_mb", f"must be > 0, got {self.shard_size_mb}")
+        check(
             0.0 <= self.max_rejected_fraction <= 1.0,
             "max_rejected_fraction",
             f"must be in [0, 1], got {self.max_rejected_fraction}",
         )
-        _check(len(set(self.classes)) == len(self.classes), "classes", "has duplicates")
-        _check(self.max_report_chars > 0, "max_report_chars", f"must be > 0, got {self.max_report_chars}")
-        _check(self.vocab_size >= 8, "vocab_size", f"must be >= 8, got {self.vocab_size}")
-        _check(self.image_size >= 0, "image_size", f"must be >= 0, got {self.image_size}")
+        check(len(set(self.classes)) == len(self.classes), "classes", "has duplicates")
+        check(self.max_report_chars > 0, "max_report_chars", f"must be > 0, got {self.max_report_chars}")
+        check(self.vocab_size >= 8, "vocab_size", f"must be >= 8, got {self.vocab_size}")
+        check(self.image_size >= 0, "image_size", f"must be >= 0, got {self.image_size}")
 
 
 @dataclass
@@ -175,12 +171,12 @@ class DataConfig:
     """Training only: probability of hiding the note, so the model also works on the image alone."""
 
     def __post_init__(self) -> None:
-        _check(16 <= self.image_size <= 1024, "data.image_size", f"must be in [16, 1024], got {self.image_size}")
-        _check(self.max_report_tokens >= 1, "data.max_report_tokens", "must be >= 1")
-        _check(self.max_findings_tokens >= 3, "data.max_findings_tokens", "must be >= 3 (<bos> x <eos>)")
-        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.columns_prefetch >= 0, "data.columns_prefetch", "must be >= 0")
-        _check(0.0 <= self.report_dropout <= 1.0, "data.report_dropout", "must be in [0, 1]")
+        check(16 <= self.image_size <= 1024, "data.image_size", f"must be in [16, 1024], got {self.image_size}")
+        check(self.max_report_tokens >= 1, "data.max_report_tokens", "must be >= 1")
+        check(self.max_findings_tokens >= 3, "data.max_findings_tokens", "must be >= 3 (<bos> x <eos>)")
+        check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.columns_prefetch >= 0, "data.columns_prefetch", "must be >= 0")
+        check(0.0 <= self.report_dropout <= 1.0, "data.report_dropout", "must be in [0, 1]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,55 +231,28 @@ class ModelConfig:
     """Longest generated findings, in tokens."""
 
     def __post_init__(self) -> None:
-        _check(self.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        _check(self.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {self.in_channels}")
-        _check(len(self.cnn_widths) >= 1 and all(w > 0 for w in self.cnn_widths), "model.cnn_widths", "must be positive")
-        _check(self.cnn_blocks >= 1, "model.cnn_blocks", "must be >= 1")
+        check(self.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        check(self.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {self.in_channels}")
+        check(len(self.cnn_widths) >= 1 and all(w > 0 for w in self.cnn_widths), "model.cnn_widths", "must be positive")
+        check(self.cnn_blocks >= 1, "model.cnn_blocks", "must be >= 1")
         refine_steps = self.box_refine_steps
-        _check(0 <= refine_steps <= 4, "model.box_refine_steps", f"must be in [0, 4], got {refine_steps}")
-        _check(self.stem_stride in (1, 2), "model.stem_stride", f"must be 1 or 2, got {self.stem_stride}")
-        _check(self.embed_dim > 0 and self.hidden_dim > 0, "model.embed_dim/hidden_dim", "must be > 0")
-        _check(self.fusion in FUSIONS, "model.fusion", f"must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        _check(self.attention_heads >= 1, "model.attention_heads", "must be >= 1")
-        _check(
+        check(0 <= refine_steps <= 4, "model.box_refine_steps", f"must be in [0, 4], got {refine_steps}")
+        check(self.stem_stride in (1, 2), "model.stem_stride", f"must be 1 or 2, got {self.stem_stride}")
+        check(self.embed_dim > 0 and self.hidden_dim > 0, "model.embed_dim/hidden_dim", "must be > 0")
+        check(self.fusion in FUSIONS, "model.fusion", f"must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        check(self.attention_heads >= 1, "model.attention_heads", "must be >= 1")
+        check(
             self.fusion != "cross_attention" or self.hidden_dim % self.attention_heads == 0,
             "model.attention_heads",
             f"must divide model.hidden_dim ({self.hidden_dim}) for fusion=cross_attention, got {self.attention_heads}",
         )
-        _check(self.bilinear_rank >= 1, "model.bilinear_rank", f"must be >= 1, got {self.bilinear_rank}")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(0.0 <= self.modality_dropout <= 1.0, "model.modality_dropout", "must be in [0, 1]")
-        _check(self.beam_size >= 1, "model.beam_size", f"must be >= 1, got {self.beam_size}")
-        _check(self.max_decode_len >= 2, "model.max_decode_len", "must be >= 2")
+        check(self.bilinear_rank >= 1, "model.bilinear_rank", f"must be >= 1, got {self.bilinear_rank}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(0.0 <= self.modality_dropout <= 1.0, "model.modality_dropout", "must be in [0, 1]")
+        check(self.beam_size >= 1, "model.beam_size", f"must be >= 1, got {self.beam_size}")
+        check(self.max_decode_len >= 2, "model.max_decode_len", "must be >= 2")
         for name in ("loss_cls", "loss_box", "loss_text"):
-            _check(getattr(self, name) >= 0, f"model.{name}", "must be >= 0")
-
-
-# --------------------------------------------------------------------------------------------
-# Benchmarks
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class IngestBenchConfig:
-    """`medfusion bench ingest`: Ray Data vs a plain DataLoader vs the decode ceiling."""
-
-    samples: int = 2000
-    """N: samples in the dataset measured (the RSS check also streams 4N)."""
-    data_uri: str = ""
-    """Dataset root to write the benchmark shards to (default: s3://medfusion/bench/ingest on the local store)."""
-    batch_size: int = 64
-    """Batch size of both pipelines."""
-    image_size: int = 128
-    """Stored and model image side."""
-    loader_workers: int = 2
-    """Worker processes of the baseline DataLoader."""
-    shard_size_mb: float = 8.0
-    """Shard size of the generated dataset (small so that there are several shards to parallelize)."""
-
-    def __post_init__(self) -> None:
-        _check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+            check(getattr(self, name) >= 0, f"model.{name}", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,20 +291,14 @@ class EvaluateConfig:
     """Samples (the split's first ones) drawn in the predictions grid and the attention figures."""
 
     def __post_init__(self) -> None:
-        from medfusion.data.schema import SPLITS
-
-        _check(self.split in SPLITS, "split", f"must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.limit >= 0, "limit", f"must be >= 0 (0 = the whole split), got {self.limit}")
-        _check(
-            self.engine in EVAL_ENGINES, "engine", f"must be one of {', '.join(EVAL_ENGINES)}, got {self.engine!r}"
-        )
-        _check(self.concurrency >= 1, "concurrency", f"must be >= 1, got {self.concurrency}")
-        _check(
-            self.device in EVAL_DEVICES, "device", f"must be one of {', '.join(EVAL_DEVICES)}, got {self.device!r}"
-        )
-        _check(self.beam_size >= 0, "beam_size", f"must be >= 0 (0 = the model's), got {self.beam_size}")
-        _check(1 <= self.num_images <= 64, "num_images", f"must be in [1, 64], got {self.num_images}")
+        check(self.split in SPLITS, "split", f"must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.limit >= 0, "limit", f"must be >= 0 (0 = the whole split), got {self.limit}")
+        check(self.engine in EVAL_ENGINES, "engine", f"must be one of {', '.join(EVAL_ENGINES)}, got {self.engine!r}")
+        check(self.concurrency >= 1, "concurrency", f"must be >= 1, got {self.concurrency}")
+        check(self.device in EVAL_DEVICES, "device", f"must be one of {', '.join(EVAL_DEVICES)}, got {self.device!r}")
+        check(self.beam_size >= 0, "beam_size", f"must be >= 0 (0 = the model's), got {self.beam_size}")
+        check(1 <= self.num_images <= 64, "num_images", f"must be in [1, 64], got {self.num_images}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,19 +326,19 @@ class ServeAutoscalingConfig:
     """How often replicas and handles report their load to the autoscaler."""
 
     def __post_init__(self) -> None:
-        _check(self.min_replicas >= 0, "autoscaling.min_replicas", f"must be >= 0, got {self.min_replicas}")
-        _check(
+        check(self.min_replicas >= 0, "autoscaling.min_replicas", f"must be >= 0, got {self.min_replicas}")
+        check(
             self.max_replicas >= max(self.min_replicas, 1),
             "autoscaling.max_replicas",
             f"must be >= max(min_replicas, 1) = {max(self.min_replicas, 1)}, got {self.max_replicas}",
         )
-        _check(self.target_ongoing_requests > 0, "autoscaling.target_ongoing_requests", "must be > 0")
+        check(self.target_ongoing_requests > 0, "autoscaling.target_ongoing_requests", "must be > 0")
         for name in ("upscale_delay_s", "downscale_delay_s"):
             value = getattr(self, name)
-            _check(0 <= value <= 86_400, f"autoscaling.{name}", f"must be in [0, 86400], got {value}")
+            check(0 <= value <= 86_400, f"autoscaling.{name}", f"must be in [0, 86400], got {value}")
         for name in ("look_back_period_s", "metrics_interval_s"):
             value = getattr(self, name)
-            _check(0 < value <= 3_600, f"autoscaling.{name}", f"must be in (0, 3600], got {value}")
+            check(0 < value <= 3_600, f"autoscaling.{name}", f"must be in (0, 3600], got {value}")
 
 
 @dataclass
@@ -396,15 +359,17 @@ class ServeLimitsConfig:
     """Retry-After (seconds, rounded up) sent with 503 answers (queue full, model unavailable)."""
 
     def __post_init__(self) -> None:
-        _check(self.max_body_bytes >= 1024, "limits.max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
-        _check(self.max_pixels >= 1, "limits.max_pixels", f"must be >= 1, got {self.max_pixels}")
-        _check(self.max_report_chars >= 1, "limits.max_report_chars", f"must be >= 1, got {self.max_report_chars}")
-        _check(
+        check(self.max_body_bytes >= 1024, "limits.max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
+        check(self.max_pixels >= 1, "limits.max_pixels", f"must be >= 1, got {self.max_pixels}")
+        check(self.max_report_chars >= 1, "limits.max_report_chars", f"must be >= 1, got {self.max_report_chars}")
+        check(
             0 < self.request_timeout_s <= 3_600,
             "limits.request_timeout_s",
             f"must be in (0, 3600], got {self.request_timeout_s}",
         )
-        _check(0 <= self.retry_after_s <= 3_600, "limits.retry_after_s", f"must be in [0, 3600], got {self.retry_after_s}")
+        check(
+            0 <= self.retry_after_s <= 3_600, "limits.retry_after_s", f"must be in [0, 3600], got {self.retry_after_s}"
+        )
 
 
 @dataclass
@@ -445,7 +410,7 @@ class ServeConfig:
     """Requests one ingress replica holds at once; the proxy answers 503 beyond that and max_queued_requests."""
     ingress_num_cpus: float = 0.0
     """CPUs reserved per ingress replica (it mostly waits on the model, like Serve's proxy, which reserves none)."""
-    auth_token_env: str = "MEDFUSION_SERVE_TOKEN"
+    auth_token_env: str = SERVE_TOKEN_ENV
     """Environment variable holding the bearer token; when it is set and not empty, /v1 requires it."""
     auth_token_file: str = ""
     """File holding the bearer token (e.g. a mounted Kubernetes secret); takes precedence over auth_token_env."""
@@ -455,87 +420,30 @@ class ServeConfig:
     """Request limits and timeouts of the ingress."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",
             f"must be cpu, cuda, cuda:N or auto, got {self.device!r}",
         )
-        _check(self.beam_size >= 0, "beam_size", f"must be >= 0, got {self.beam_size}")
-        _check(self.max_decode_len == 0 or self.max_decode_len >= 2, "max_decode_len", "must be 0 or >= 2")
-        _check(1 <= self.max_batch_size <= 1024, "max_batch_size", f"must be in [1, 1024], got {self.max_batch_size}")
-        _check(0 <= self.batch_wait_timeout_s <= 10, "batch_wait_timeout_s", "must be in [0, 10]")
-        _check(
+        check(self.beam_size >= 0, "beam_size", f"must be >= 0, got {self.beam_size}")
+        check(self.max_decode_len == 0 or self.max_decode_len >= 2, "max_decode_len", "must be 0 or >= 2")
+        check(1 <= self.max_batch_size <= 1024, "max_batch_size", f"must be in [1, 1024], got {self.max_batch_size}")
+        check(0 <= self.batch_wait_timeout_s <= 10, "batch_wait_timeout_s", "must be in [0, 10]")
+        check(
             self.max_ongoing_requests >= self.max_batch_size,
             "max_ongoing_requests",
             f"must be >= max_batch_size ({self.max_batch_size}), got {self.max_ongoing_requests}",
         )
-        _check(
+        check(
             self.max_queued_requests == -1 or self.max_queued_requests >= 1,
             "max_queued_requests",
             f"must be -1 (no limit) or >= 1, got {self.max_queued_requests}",
         )
-        _check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus/num_gpus", "must be >= 0")
-        _check(self.torch_threads >= 0, "torch_threads", f"must be >= 0, got {self.torch_threads}")
-        _check(self.ingress_replicas >= 0, "ingress_replicas", f"must be >= 0, got {self.ingress_replicas}")
-        _check(self.ingress_max_ongoing_requests >= 1, "ingress_max_ongoing_requests", "must be >= 1")
-        _check(self.ingress_num_cpus >= 0, "ingress_num_cpus", f"must be >= 0, got {self.ingress_num_cpus}")
-
-
-SERVE_LAYOUTS = ("split", "combined")
-
-
-@dataclass
-class ServeBenchConfig:
-    """`medfusion bench serve`: the Serve app (batched) vs plain FastAPI/uvicorn vs offline forward."""
-
-    model: str = ""
-    """Export to serve (path or s3://); empty writes an untrained export of `preset` to a temporary folder."""
-    preset: str = "tiny"
-    """Size preset of that untrained export: tiny (the HTTP path dominates on CPU), small or base."""
-    requests: int = 400
-    """Requests per system and concurrency level (bounded; see also max_seconds)."""
-    max_seconds: float = 30.0
-    """Time limit per system and concurrency level; the level stops at whichever comes first."""
-    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
-    """Closed-loop client concurrency levels."""
-    warmup_requests: int = 16
-    """Requests sent before each system is measured (not counted)."""
-    image_size: int = 128
-    """Side of the synthetic request images in pixels (PNG)."""
-    with_report: bool = True
-    """Send the synthetic clinical note with each request."""
-    max_batch_size: int = 32
-    """Dynamic batch size of the Serve app, and the offline batch size."""
-    batch_wait_timeout_s: float = 0.1
-    """Longest batch wait of the Serve app (ServeConfig.batch_wait_timeout_s)."""
-    model_replicas: int = 1
-    """Model replicas of the Serve app (fixed: autoscaling would blur the comparison)."""
-    layouts: list[str] = field(default_factory=lambda: ["split", "combined"])
-    """Serve app layouts to measure: split (ingress + model deployments, ingress_replicas=1) and
-    combined (the model replicas answer HTTP, ingress_replicas=0)."""
-    http_floor: bool = True
-    """Also measure Serve's HTTP path alone (a replica that answers a fixed JSON): the bound that the
-    machine's cores, not the model, put on the Serve app."""
-
-    def __post_init__(self) -> None:
-        _check(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        _check(self.requests >= 10, "requests", f"must be >= 10, got {self.requests}")
-        _check(0 < self.max_seconds <= 3_600, "max_seconds", f"must be in (0, 3600], got {self.max_seconds}")
-        _check(
-            bool(self.concurrency) and all(1 <= c <= 1024 for c in self.concurrency),
-            "concurrency",
-            f"must be a non-empty list of values in [1, 1024], got {self.concurrency}",
-        )
-        _check(self.warmup_requests >= 0, "warmup_requests", "must be >= 0")
-        _check(16 <= self.image_size <= 4096, "image_size", f"must be in [16, 4096], got {self.image_size}")
-        _check(1 <= self.max_batch_size <= 1024, "max_batch_size", "must be in [1, 1024]")
-        _check(0 <= self.batch_wait_timeout_s <= 10, "batch_wait_timeout_s", "must be in [0, 10]")
-        _check(self.model_replicas >= 1, "model_replicas", "must be >= 1")
-        _check(
-            bool(self.layouts) and set(self.layouts) <= set(SERVE_LAYOUTS),
-            "layouts",
-            f"must be a non-empty list of {', '.join(SERVE_LAYOUTS)}, got {self.layouts}",
-        )
+        check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus/num_gpus", "must be >= 0")
+        check(self.torch_threads >= 0, "torch_threads", f"must be >= 0, got {self.torch_threads}")
+        check(self.ingress_replicas >= 0, "ingress_replicas", f"must be >= 0, got {self.ingress_replicas}")
+        check(self.ingress_max_ongoing_requests >= 1, "ingress_max_ongoing_requests", "must be >= 1")
+        check(self.ingress_num_cpus >= 0, "ingress_num_cpus", f"must be >= 0, got {self.ingress_num_cpus}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,9 +456,16 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 SELECT_MODES = ("auto", "min", "max")
 # What validation reports each epoch (all-reduced over workers); select_metric is one of these.
 VAL_METRICS = (
-    "val_loss", "val_cls_loss", "val_box_loss", "val_text_loss", "val_accuracy", "val_auroc_macro", "val_mean_iou",
-    "val_bleu4", "val_objective",
-)  # fmt: skip
+    "val_loss",
+    "val_cls_loss",
+    "val_box_loss",
+    "val_text_loss",
+    "val_accuracy",
+    "val_auroc_macro",
+    "val_mean_iou",
+    "val_bleu4",
+    "val_objective",
+)
 # The objective (val_objective, a sweep's score): a weighted sum of the three task metrics, where the
 # classification term is accuracy or macro AUROC.
 OBJECTIVE_TERMS = ("classification", "mean_iou", "bleu4")
@@ -602,7 +517,8 @@ class TrainConfig:
     """One GPU per worker (NCCL); otherwise CPU workers with gloo and DS_ACCELERATOR=cpu."""
     ray_address: str = ""
     """Empty: embedded local Ray (or the cluster this process runs in); http://HEAD:8265: submit to
-    that cluster as a Ray job and stream its logs."""
+    that cluster as a Ray job and stream its logs; kuberay: a RayJob with a Ray cluster of its own
+    (medfusion.orchestration, as the pipeline's steps)."""
     keep_checkpoints: int = 2
     """Checkpoints kept in the run folder (the newest ones); the best model's export is kept apart."""
     patience: int = 3
@@ -625,33 +541,60 @@ class TrainConfig:
     """Testing: the last worker kills itself (SIGKILL) once at this global step; 0 never."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _check(self.clip >= 0, "clip", f"must be >= 0 (0 = off), got {self.clip}")
-        _check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _check(self.precision != "fp16" or self.use_gpu, "precision", "fp16 needs use_gpu=true (use bf16 or fp32 on CPU)")
-        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker >= 0, "cpus_per_worker", f"must be >= 0, got {self.cpus_per_worker}")
-        _check(
-            not self.ray_address or self.ray_address.startswith(("http://", "https://")),
-            "ray_address",
-            f"must be empty (embedded Ray) or the dashboard URL http://HEAD:8265, got {self.ray_address!r}",
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
         )
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-        _check(self.patience >= 0, "patience", f"must be >= 0 (0 = no early stopping), got {self.patience}")
-        _check(self.select_metric in VAL_METRICS, "select_metric", f"must be one of {', '.join(VAL_METRICS)}, got {self.select_metric!r}")
-        _check(self.select_mode in SELECT_MODES, "select_mode", f"must be one of {', '.join(SELECT_MODES)}, got {self.select_mode!r}")
-        _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
-        _check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", f"must be >= 0 (0 = whole split), got {self.max_steps_per_epoch}")
-        _check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
-        _check(self.fault_inject_step >= 0, "fault_inject_step", f"must be >= 0 (0 = never), got {self.fault_inject_step}")
-        _check("/" not in self.name and self.name not in (".", ".."), "name", f"must be a single folder name, got {self.name!r}")
+        check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.clip >= 0, "clip", f"must be >= 0 (0 = off), got {self.clip}")
+        check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check(
+            self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+        )
+        check(
+            self.precision != "fp16" or self.use_gpu, "precision", "fp16 needs use_gpu=true (use bf16 or fp32 on CPU)"
+        )
+        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker >= 0, "cpus_per_worker", f"must be >= 0, got {self.cpus_per_worker}")
+        check(
+            self.ray_address in ("", KUBERAY) or self.ray_address.startswith(("http://", "https://")),
+            "ray_address",
+            f"must be empty (embedded Ray), the dashboard URL http://HEAD:8265 (Jobs API) or {KUBERAY!r} "
+            f"(a RayJob), got {self.ray_address!r}",
+        )
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        check(self.patience >= 0, "patience", f"must be >= 0 (0 = no early stopping), got {self.patience}")
+        check(
+            self.select_metric in VAL_METRICS,
+            "select_metric",
+            f"must be one of {', '.join(VAL_METRICS)}, got {self.select_metric!r}",
+        )
+        check(
+            self.select_mode in SELECT_MODES,
+            "select_mode",
+            f"must be one of {', '.join(SELECT_MODES)}, got {self.select_mode!r}",
+        )
+        check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        check(
+            self.max_steps_per_epoch >= 0,
+            "max_steps_per_epoch",
+            f"must be >= 0 (0 = whole split), got {self.max_steps_per_epoch}",
+        )
+        check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        check(
+            self.fault_inject_step >= 0, "fault_inject_step", f"must be >= 0 (0 = never), got {self.fault_inject_step}"
+        )
+        check(
+            "/" not in self.name and self.name not in (".", ".."),
+            "name",
+            f"must be a single folder name, got {self.name!r}",
+        )
 
     @property
     def mode(self) -> str:
@@ -662,11 +605,8 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Tuning
+# The objective (val_objective: what the train stage's select_metric and a sweep rank by)
 # --------------------------------------------------------------------------------------------
-
-SEARCH_ALGORITHMS = ("optuna", "random", "grid")
-TUNE_SCHEDULERS = ("asha", "fifo")
 
 
 @dataclass
@@ -686,9 +626,9 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         for term in OBJECTIVE_TERMS:
             weight = getattr(self, term)
-            _check(weight >= 0, f"objective.{term}", f"must be >= 0, got {weight}")
-        _check(any(getattr(self, t) > 0 for t in OBJECTIVE_TERMS), "objective", "needs at least one weight > 0")
-        _check(
+            check(weight >= 0, f"objective.{term}", f"must be >= 0, got {weight}")
+        check(any(getattr(self, t) > 0 for t in OBJECTIVE_TERMS), "objective", "needs at least one weight > 0")
+        check(
             self.classification_metric in CLASSIFICATION_METRICS,
             "objective.classification_metric",
             f"must be one of {', '.join(CLASSIFICATION_METRICS)}, got {self.classification_metric!r}",
@@ -698,355 +638,3 @@ class ObjectiveConfig:
     def weights(self) -> dict[str, float]:
         """Term -> weight."""
         return {term: float(getattr(self, term)) for term in OBJECTIVE_TERMS}
-
-
-@dataclass
-class TuneConfig:
-    """The tune stage: a Ray Tune sweep in which every trial is a Ray Train + DeepSpeed run."""
-
-    dataset_uri: str = ""
-    """Dataset root (local path or s3://) holding manifest.json, as written by `medfusion data`."""
-    storage_uri: str = "s3://medfusion/sweeps"
-    """Where sweeps are stored (local folder or s3://); a sweep's folder is <storage_uri>/<name>."""
-    name: str = ""
-    """Sweep name (its folder under storage_uri); empty makes tune-<UTC time>-<random>."""
-    resume: bool = False
-    """Continue the interrupted sweep <storage_uri>/<name>: finished trials are kept, unfinished and
-    errored ones run again (from their newest checkpoint)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model architecture of every trial (the preset fills it; search_space varies it)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Input pipeline of every trial; data.batch_size is the batch per worker."""
-    train: dict[str, Any] = field(default_factory=dict)
-    """TrainConfig settings shared by every trial (any `medfusion train` setting but dataset_uri,
-    storage_uri, name, resume, ray_address, model and data), e.g. {epochs: 4, num_workers: 1,
-    cpus_per_worker: 1}. train.epochs is the most epochs a trial runs. Tune's own defaults:
-    evaluate=false, patience=0 (ASHA stops trials), select_metric=val_objective, keep_checkpoints=1."""
-    search_space: dict[str, Any] = field(default_factory=dict)
-    """What the sweep varies, one dotted setting each: {model.fusion: {choice: [concat, gated]},
-    train.lr: {loguniform: [1.0e-4, 3.0e-3]}, model.dropout: {uniform: [0.0, 0.3]},
-    model.hidden_dim: {randint: [32, 128]}, zero_stage: [1, 2]} (a list is a choice; keys are
-    model.*, data.* or train.* settings, train. may be left out). Merged over search_space_file."""
-    search_space_file: str = ""
-    """A YAML file (path or s3://) holding a search space, or the name of one shipped in
-    medfusion/configs/search_spaces (tiny: every fusion strategy, lr, ZeRO stage, sizes, dropout, loss weights)."""
-    search: str = "optuna"
-    """How trial configs are picked: optuna (model-based TPE, through Ray Tune's OptunaSearch; random
-    search when optuna is not installed), random, or grid (every combination of the choices)."""
-    search_seed: int = 0
-    """Seed of the search algorithm (optuna's sampler, random sampling)."""
-    scheduler: str = "asha"
-    """asha (stop a trial whose objective trails the others' at a rung: epochs grace_period x
-    reduction_factor^k before the last) or fifo (every trial runs all its epochs)."""
-    num_samples: int = 0
-    """Trials to run (optuna, random), or repetitions of the grid (grid); 0: 8, or the grid once."""
-    max_concurrent_trials: int = 1
-    """Trials running at once; 0: as many as the cluster's CPUs and GPUs hold (each trial needs
-    trial_cpus + train.num_workers x train.cpus_per_worker CPUs, and its GPUs)."""
-    trial_cpus: float = 0.0
-    """CPUs reserved for each trial's driver (the Tune function that runs the TorchTrainer); it mostly
-    waits, so 0 lets the Train workers and Ray Data have the cores."""
-    grace_period: int = 1
-    """ASHA: epochs every trial runs before it may be stopped."""
-    reduction_factor: float = 2.0
-    """ASHA: at each rung only the best 1/reduction_factor of the trials continue."""
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig())
-    """The score trials are ranked by (maximized), and the metrics of the Pareto front."""
-    max_failures: int = 1
-    """Retries of a failed trial (Tune FailureConfig; a retry continues from the trial's newest
-    checkpoint); a trial that still fails is recorded as errored and the sweep goes on."""
-    seeds: int = 3
-    """Ablation: train the best configuration of the fused strategies, of image_only and of text_only
-    (their own best trials; the fused configuration with the fusion swapped when the sweep has none)
-    with this many seeds each and compare them on the test split (mean +- 95% CI); 0 skips it."""
-    ablation_epochs: int = 0
-    """Epochs of each ablation run; 0: train.epochs."""
-    register: bool = True
-    """Register the best trial's export in the model registry at registry_uri."""
-    registry_uri: str = "s3://medfusion/registry"
-    """Model registry root (local path or s3://)."""
-    model_name: str = "medfusion"
-    """Name the best model is registered under."""
-    interrupt_after_trials: int = 0
-    """Testing: interrupt the sweep (as Ctrl-C does) once this many trials have finished; 0 never."""
-
-    def __post_init__(self) -> None:
-        _check("/" not in self.name and self.name not in (".", ".."), "name", f"must be a single folder name, got {self.name!r}")
-        _check(not self.resume or bool(self.name), "name", "is required with resume=true (the sweep to continue)")
-        _check(self.search in SEARCH_ALGORITHMS, "search", f"must be one of {', '.join(SEARCH_ALGORITHMS)}, got {self.search!r}")
-        _check(self.scheduler in TUNE_SCHEDULERS, "scheduler", f"must be one of {', '.join(TUNE_SCHEDULERS)}, got {self.scheduler!r}")
-        _check(self.num_samples >= 0, "num_samples", f"must be >= 0 (0 = default), got {self.num_samples}")
-        _check(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0 (0 = as resources allow), got {self.max_concurrent_trials}")
-        _check(self.trial_cpus >= 0, "trial_cpus", f"must be >= 0, got {self.trial_cpus}")
-        _check(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
-        _check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
-        _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
-        _check(self.seeds == 0 or self.seeds >= 2, "seeds", f"must be 0 (no ablation) or >= 2 (for a confidence interval), got {self.seeds}")
-        _check(self.ablation_epochs >= 0, "ablation_epochs", f"must be >= 0 (0 = train.epochs), got {self.ablation_epochs}")
-        _check(not self.register or bool(self.registry_uri), "registry_uri", "is required with register=true")
-        _check(not self.register or bool(self.model_name), "model_name", "is required with register=true")
-        _check(self.interrupt_after_trials >= 0, "interrupt_after_trials", "must be >= 0 (0 = never)")
-        from medfusion.tuning.space import check_tune_config
-
-        check_tune_config(self)  # the trial settings and the inline search space (the file is read by run_tune)
-
-
-@dataclass
-class TrainBenchConfig:
-    """`medfusion bench train`: Ray Train + DeepSpeed vs a plain PyTorch loop on the same model and data."""
-
-    device: str = "cpu"
-    """cpu, or cuda (one GPU per worker; peak GPU memory is reported)."""
-    zero_stages: list[int] = field(default_factory=lambda: [2])
-    """ZeRO stages measured with one Ray Train worker, one row each (e.g. 0,1,2,3)."""
-    preset: str = ""
-    """Model and data size preset; empty means tiny on cpu, small on cuda."""
-    samples: int = 768
-    """Training images generated for the benchmark dataset."""
-    batch_size: int = 0
-    """Batch size of every variant; 0 takes the preset's data.batch_size."""
-    steps: int = 24
-    """Optimizer steps timed per variant (after warmup_steps)."""
-    warmup_steps: int = 4
-    """Steps run before timing starts (worker start-up, first batches, allocator)."""
-    workers: int = 2
-    """Workers of the multi-worker variant (c); 0 skips it (it also needs that many GPUs on cuda)."""
-    threads: int = 1
-    """Torch intra-op threads of every training process (the same for all variants)."""
-    data_uri: str = ""
-    """Dataset root for the benchmark shards (default: s3://medfusion/bench/train on the local store)."""
-
-    def __post_init__(self) -> None:
-        _check(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
-        _check(bool(self.zero_stages) and all(s in (0, 1, 2, 3) for s in self.zero_stages), "zero_stages", f"must be a list of 0-3, got {self.zero_stages}")
-        _check(not self.preset or self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)} or empty, got {self.preset!r}")
-        _check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
-        _check(self.batch_size >= 0, "batch_size", f"must be >= 0 (0 = the preset's), got {self.batch_size}")
-        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-        _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-
-
-@dataclass
-class TuneBenchConfig:
-    """`medfusion bench tune`: ASHA vs random search vs the full grid, and Tune's scheduling overhead."""
-
-    parts: list[str] = field(default_factory=lambda: ["search", "overhead"])
-    """What to measure: search (grid, ASHA, random on the tiny setup) and/or overhead (no-op trials)."""
-    samples: int = 400
-    """Synthetic images of the benchmark dataset (tiny preset, 64 px)."""
-    epochs: int = 9
-    """Most epochs a trial runs (ASHA's max_t; with reduction_factor 3 its rungs are at 1, 3 and 9)."""
-    steps_per_epoch: int = 6
-    """Optimizer steps per epoch of every trial (train.max_steps_per_epoch)."""
-    search_space: dict[str, Any] = field(
-        default_factory=lambda: {"model.fusion": ["concat", "gated", "cross_attention", "image_only", "text_only"],
-                                 "train.lr": [3.0e-4, 3.0e-3]}
-    )  # fmt: skip
-    """The grid (choices only): every combination is one trial of the grid sweep."""
-    reduction_factor: float = 3.0
-    """ASHA: the best 1/reduction_factor of the trials at a rung go on."""
-    tolerance: float = 0.01
-    """"Within 1% of the grid's best": objective >= (1 - tolerance) x the grid's best."""
-    seed: int = 0
-    """Seed of random search's sampler."""
-    overhead_trials: int = 16
-    """No-op trials of the overhead measurement."""
-    trial_seconds: float = 5.0
-    """How long each no-op trial sleeps: the shortest trial worth scheduling (a tiny training trial
-    takes 20 s or more); the per-trial overhead in ms is printed too, for any other trial length."""
-    iterations: int = 4
-    """Reports per no-op trial."""
-    data_uri: str = ""
-    """Dataset root for the benchmark shards (default: s3://medfusion/bench/tune on the local store)."""
-
-    def __post_init__(self) -> None:
-        _check(bool(self.parts) and set(self.parts) <= {"search", "overhead"}, "parts", f"must be a list of search and/or overhead, got {self.parts}")
-        _check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
-        _check(self.epochs >= 2, "epochs", f"must be >= 2 (ASHA needs a rung to stop at), got {self.epochs}")
-        _check(self.steps_per_epoch >= 1, "steps_per_epoch", f"must be >= 1, got {self.steps_per_epoch}")
-        _check(bool(self.search_space) and all(isinstance(v, list) and v for v in self.search_space.values()),
-               "search_space", "must map each key to a non-empty list of choices (a grid)")  # fmt: skip
-        _check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
-        _check(0 <= self.tolerance < 1, "tolerance", f"must be in [0, 1), got {self.tolerance}")
-        _check(self.overhead_trials >= 1, "overhead_trials", f"must be >= 1, got {self.overhead_trials}")
-        _check(self.trial_seconds > 0, "trial_seconds", f"must be > 0, got {self.trial_seconds}")
-        _check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
-
-
-# --------------------------------------------------------------------------------------------
-# Loading: defaults <- preset <- YAML file <- dotted overrides
-# --------------------------------------------------------------------------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Return each field's docstring (the string literal that follows it in the class body)."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _resolved_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Convert `value` (from YAML or a CLI string) to the annotated type `tp`."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, prefix=name + ".")
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], name)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if isinstance(value, str) and value.strip().startswith("{"):
-            try:
-                value = yaml.safe_load(value)  # a YAML flow mapping from the CLI: key={a: 1, b: [x, y]}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{name}: not a YAML mapping: {value!r} ({err})") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        try:
-            number = float(value) if tp is float else int(str(value), 0) if isinstance(value, str) else value
-        except ValueError:
-            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
-        if tp is int and isinstance(number, float):
-            if not number.is_integer():
-                raise ConfigError(f"{name}: expected an integer, got {value!r}")
-            number = int(number)
-        return tp(number)
-    if tp is str:
-        return "" if value is None else str(value)
-    return value
-
-
-def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
-    hints = _resolved_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown field of {cls.__name__}; known fields: {', '.join(sorted(known))}"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        if prefix and not str(err).startswith(prefix):
-            raise ConfigError(f"{prefix}{err}") from None
-        raise
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A config as plain data (what YAML and JSON files hold)."""
-    return dataclasses.asdict(cfg)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["data.image_size=64", "fusion=gated"]`` into a nested dict of strings."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. data.image_size=64")
-        key, _, raw = item.partition("=")
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key segment")
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is set both as a value and a section")
-        node[parts[-1]] = raw
-    return tree
-
-
-def preset_values(preset: str, section: str) -> dict[str, Any]:
-    """The values a size preset sets for one config section (e.g. ``model``)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
-    text = resources.files("medfusion.configs").joinpath(f"presets/{preset}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
-    return data.get(section, {})
-
-
-def load_config(
-    cls: type[T],
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> T:
-    """Build a config: dataclass defaults <- `base` <- YAML file at `path` <- dotted `overrides`.
-
-    Raises:
-        ConfigError: naming the field, for unknown keys and invalid values.
-    """
-    values: dict[str, Any] = dict(base or {})
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p}: not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p}: not valid YAML ({err})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level")
-        values = _merge(values, loaded)
-    if overrides:
-        values = _merge(values, parse_overrides(overrides))
-    return _build(cls, values)
-
-
-def dump_yaml(cfg: Any) -> str:
-    """The full config as YAML (what a run records next to its outputs)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

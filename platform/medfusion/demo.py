@@ -13,9 +13,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medfusion.store import DEFAULT_ROOT, Store
+
+if TYPE_CHECKING:
+    from medfusion.pipelines.run import LocalRun
 
 
 @dataclass
@@ -44,12 +47,25 @@ class DemoConfig:
     """Extra TrainConfig fields of every trial, e.g. {num_workers: 1}."""
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    from medfusion.orchestration import PipelineConfig, run_pipeline_local
+def run_demo(cfg: DemoConfig) -> LocalRun:
+    """Start the local store, run the pipeline on it with kfp.local, and print what it produced.
+
+    Args:
+        cfg: what the demo runs on.
+
+    Returns:
+        The pipeline run (its outputs, its folder, where the model was deployed).
+    """
+    # The demo is an entry point, like the CLI: it runs the pipeline, a wrapper above the library.
+    from medfusion.orchestration.pipeline import PipelineConfig
+    from medfusion.pipelines.run import run_pipeline_local
 
     state = Store(cfg.store_root).up()
     os.environ.update(state.env())
-    print(f"[1/2] local S3 store at {state.endpoint} (bucket s3://{state.bucket}; `medfusion store down` stops it)", flush=True)
+    print(
+        f"[1/2] local S3 store at {state.endpoint} (bucket s3://{state.bucket}; `medfusion store down` stops it)",
+        flush=True,
+    )
     pipeline = PipelineConfig(
         dataset_uri=f"{cfg.prefix}/dataset",
         storage_uri=f"{cfg.prefix}/runs",
@@ -60,16 +76,28 @@ def run_demo(cfg: DemoConfig) -> dict:
         search_space={"model.fusion": list(cfg.fusions)},
         tune_config={
             # One worker per trial: on 2 cores twice the optimizer steps of two workers for the same
-            # time, which this small dataset needs (test accuracy ~0.74 vs ~0.44 after 12 epochs).
-            "train": {"epochs": cfg.epochs, "strategy": cfg.strategy, "lr": cfg.lr, "num_workers": 1, **cfg.train_overrides},
-            "search": "grid", "scheduler": "asha", "grace_period": max(1, cfg.epochs // 2), "seeds": 0,
-        },  # fmt: skip
+            # time, which a dataset this small needs to learn within the demo's epochs.
+            "train": {
+                "epochs": cfg.epochs,
+                "strategy": cfg.strategy,
+                "lr": cfg.lr,
+                "num_workers": 1,
+                **cfg.train_overrides,
+            },
+            "search": "grid",
+            "scheduler": "asha",
+            "grace_period": max(1, cfg.epochs // 2),
+            "seeds": 0,
+        },
         gates={"accuracy": cfg.gate_accuracy},
     )
-    print(f"[2/2] running the pipeline with kfp.local: prepare -> tune ({' vs '.join(cfg.fusions)}) -> evaluate -> gate "
-          "-> deploy -> smoke test", flush=True)  # fmt: skip
+    print(
+        f"[2/2] running the pipeline with kfp.local: prepare -> tune ({' vs '.join(cfg.fusions)}) -> evaluate -> gate "
+        "-> deploy -> smoke test",
+        flush=True,
+    )
     result = run_pipeline_local(pipeline, cfg.pipeline_root, enable_caching=False)
-    outputs, run_dir = result["outputs"], Path(result["run_dir"])
+    outputs, run_dir = result.outputs, Path(result.run_dir)
 
     _print_leaderboard(run_dir)
     metrics = outputs.get("metrics") or {}
@@ -77,8 +105,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name, value in metrics.items():
         if isinstance(value, (int, float)):
             print(f"  {name:<14} {value:.4f}")
-    if result["deployed_to"]:
-        print(f"\ndeployed: {result['deployed_to']} (gate accuracy >= {cfg.gate_accuracy})")
+    if result.deployed_to:
+        print(f"\ndeployed: {result.deployed_to} (gate accuracy >= {cfg.gate_accuracy})")
         smoke = run_dir / "smoke-test" / "executor_output.json"
         if smoke.exists():
             prediction = json.loads(smoke.read_text())["parameterValues"]["Output"]

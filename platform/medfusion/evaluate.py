@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,9 +56,19 @@ PLOT_CAPTIONS = {
 RAW_COLUMNS = ("sample_id", "image", "report", "findings", "labels", "box")
 # Prediction columns kept for metrics and figures (generated_ids etc. vary in width across batches).
 KEPT_COLUMNS = (
-    "sample_id", "report", "findings", "labels", "box", "has_box",
-    "probs", "pred_box", "objectness", "generated", "image_attention", "note_attention",
-)  # fmt: skip
+    "sample_id",
+    "report",
+    "findings",
+    "labels",
+    "box",
+    "has_box",
+    "probs",
+    "pred_box",
+    "objectness",
+    "generated",
+    "image_attention",
+    "note_attention",
+)
 METRIC_DOCS = {
     "accuracy": "top class is the true class (multi-label: predicted label set equals the true set)",
     "macro_f1": "F1 score averaged over classes",
@@ -119,8 +128,7 @@ def default_output_uri(model_uri: str, split: str) -> str:
     """``eval-<split>`` next to the export folder: ``runs/r1/model`` -> ``runs/r1/eval-test``."""
     if storage.is_s3(model_uri):
         root = model_uri.rstrip("/")
-        parent = root.rsplit("/", 1)[0] if root.count("/") > 2 else root
-        return f"{parent}/eval-{split}"
+        return f"{storage.parent(root)}/eval-{split}"
     return str(Path(model_uri).absolute().parent / f"eval-{split}")
 
 
@@ -137,7 +145,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         DatasetError: no dataset at `data_uri`, or its split `cfg.split` has no rows.
         EvaluateError: the model's classes (or label mode) differ from the dataset's.
     """
-    from medfusion.export import CHECKSUMS_FILE, ExportError, _finite
+    from medfusion.export import CHECKSUMS_FILE, ExportError
     from medfusion.predictor import Predictor
 
     if not cfg.model_uri or not cfg.data_uri:
@@ -177,7 +185,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
     record = _record(cfg, info, predictor, metrics, predictions["labels"], undefined, source)
     metrics_uri = storage.join(output_uri, METRICS_FILE)
-    storage.write_text(metrics_uri, json.dumps(_finite(record), indent=2, allow_nan=False))
+    storage.write_json(metrics_uri, record)
     report_uri = storage.join(output_uri, REPORT_FILE)
     figures = {name: storage.read_bytes(uri) for name, uri in plot_uris.items()}
     storage.write_text(report_uri, render_report(record, figures))
@@ -402,9 +410,13 @@ def _confusion_for_plot(metrics: Mapping[str, Any], probs: np.ndarray, labels: n
 
 
 def _write_plots(
-    output_uri: str, predictions: Mapping[str, np.ndarray], metrics: Mapping[str, Any], classes: list[str],
-    predictor: Any, grid: Mapping[str, np.ndarray],
-) -> dict[str, str]:  # fmt: skip
+    output_uri: str,
+    predictions: Mapping[str, np.ndarray],
+    metrics: Mapping[str, Any],
+    classes: list[str],
+    predictor: Any,
+    grid: Mapping[str, np.ndarray],
+) -> dict[str, str]:
     from medfusion import plots
 
     uris = {name: storage.join(output_uri, file) for name, file in PLOT_FILES.items()}
@@ -418,9 +430,7 @@ def _write_plots(
     rows = [position[str(sid)] for sid in grid["sample_id"]]
     titles = []
     for i in rows:
-        predicted = (
-            _label_names(probs[i], classes) if predictor.multi_label else classes[int(np.argmax(probs[i]))]
-        )
+        predicted = _label_names(probs[i], classes) if predictor.multi_label else classes[int(np.argmax(probs[i]))]
         titles.append(
             f"{predictions['sample_id'][i]}\ntrue: {_label_names(labels[i], classes)}\n"
             f"pred: {predicted} ({float(np.max(probs[i])):.2f})"
@@ -472,8 +482,6 @@ def _rows(pairs: list[tuple[str, str]]) -> str:
 def render_report(record: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     """One self-contained HTML page: metrics, per-class table, undefined metrics, figures (embedded as
     base64 PNG, each linking to its file next to the report), lineage."""
-    from medfusion.export import _finite
-
     esc = html.escape
     metrics, undefined = record["metrics"], record["undefined"]
     model, dataset = record["model"], record["dataset"]
@@ -506,39 +514,43 @@ def render_report(record: Mapping[str, Any], figures: Mapping[str, bytes]) -> st
         for name, auroc in record["per_class_auroc"].items()
     )
     if undefined:
-        undefined_html = "<ul>" + "".join(
-            f"<li><b>{esc(name)}</b>: {esc(reason)}</li>" for name, reason in undefined.items()
-        ) + "</ul>"
+        undefined_html = (
+            "<ul>"
+            + "".join(f"<li><b>{esc(name)}</b>: {esc(reason)}</li>" for name, reason in undefined.items())
+            + "</ul>"
+        )
     else:
         undefined_html = "<p>Every metric is defined for this evaluation.</p>"
     figure_html = "".join(
         f'<figure><a href="{esc(PLOT_FILES[name])}"><img alt="{esc(name)}" '
         f'src="data:image/png;base64,{base64.b64encode(data).decode()}"></a>'
-        f"<figcaption>{esc(PLOT_CAPTIONS[name])} (<a href=\"{esc(PLOT_FILES[name])}\">{esc(PLOT_FILES[name])}</a>)"
+        f'<figcaption>{esc(PLOT_CAPTIONS[name])} (<a href="{esc(PLOT_FILES[name])}">{esc(PLOT_FILES[name])}</a>)'
         "</figcaption></figure>"
         for name, data in figures.items()
     )
-    lineage_html = "<pre>" + esc(json.dumps(_finite(model.get("lineage", {})), indent=2, sort_keys=True)) + "</pre>"
-    lineage_rows = _rows([
-        ("dataset", f"<code>{esc(dataset['uri'])}</code>"),
-        ("dataset version", f"<code>{esc(dataset['version'])}</code> (sha256 of manifest.json)"),
-        ("dataset source", esc(dataset["source"])),
-        ("dataset created", esc(str(dataset.get("created_at")))),
-        ("model", f"<code>{esc(model['uri'])}</code>"),
-        ("model name", esc(str(model.get("name")))),
-        ("model version", f"<code>{esc(model['version'])}</code> (sha256 of the weights)"),
-        ("fusion", esc(str(model.get("fusion")))),
-        ("trained on dataset version", f"<code>{esc(str(trained_on))}</code>"),
-    ])  # fmt: skip
+    lineage_html = "<pre>" + esc(storage.json_bytes(model.get("lineage", {}), sort_keys=True).decode()) + "</pre>"
+    lineage_rows = _rows(
+        [
+            ("dataset", f"<code>{esc(dataset['uri'])}</code>"),
+            ("dataset version", f"<code>{esc(dataset['version'])}</code> (sha256 of manifest.json)"),
+            ("dataset source", esc(dataset["source"])),
+            ("dataset created", esc(str(dataset.get("created_at")))),
+            ("model", f"<code>{esc(model['uri'])}</code>"),
+            ("model name", esc(str(model.get("name")))),
+            ("model version", f"<code>{esc(model['version'])}</code> (sha256 of the weights)"),
+            ("fusion", esc(str(model.get("fusion")))),
+            ("trained on dataset version", f"<code>{esc(str(trained_on))}</code>"),
+        ]
+    )
     title = f"{model.get('name') or 'model'} {model['version']} on split {record['split']}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>medfusion evaluation: {esc(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>Evaluation: {esc(title)}</h1>
-<p>{record['num_samples']} samples of split <b>{esc(record['split'])}</b>, {len(record['classes'])} classes
-({'multi-label' if record['multi_label'] else 'single-label'}), engine {esc(record['engine'])},
-{esc(record['created_at'])}. All numbers are in <a href="{METRICS_FILE}">{METRICS_FILE}</a>.</p>
-{''.join(f'<p class="note">{n}</p>' for n in notes)}
+<p>{record["num_samples"]} samples of split <b>{esc(record["split"])}</b>, {len(record["classes"])} classes
+({"multi-label" if record["multi_label"] else "single-label"}), engine {esc(record["engine"])},
+{esc(record["created_at"])}. All numbers are in <a href="{METRICS_FILE}">{METRICS_FILE}</a>.</p>
+{"".join(f'<p class="note">{n}</p>' for n in notes)}
 <h2>Metrics</h2>
 <table><tr><th>metric</th><th>value</th><th>meaning</th></tr>{metric_rows}</table>
 <h2>Per class</h2>

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from medfusion import storage
-from medfusion.config import ConfigError, ModelConfig, load_config, to_dict
+from medfusion.config import ConfigError, ModelConfig
 from medfusion.data.tokenizer import Tokenizer
+from medfusion.loader import load_config, to_dict
 from medfusion.models import MedFusionModel, build_model, count_parameters
 
 # 2: the box head predicts a box per image region (heads.BoxHead); version-1 weights do not fit it.
@@ -77,23 +77,6 @@ class LoadedExport:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: NaN and infinities become null (strict JSON readers reject them)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _finite(value.item())
-    return value
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(_finite(value), indent=2, sort_keys=True, allow_nan=False).encode()
 
 
 def _data_settings(data_settings: Any) -> dict[str, int]:
@@ -144,17 +127,17 @@ def export_model(
     }
     files = {
         MODEL_FILE: save_safetensors(state, metadata={"format": "pt", "medfusion_format": str(FORMAT_VERSION)}),
-        CONFIG_FILE: _json(config),
+        CONFIG_FILE: storage.json_bytes(config, sort_keys=True),
         TOKENIZER_FILE: tokenizer.to_json().encode(),
-        CLASSES_FILE: _json(list(classes)),
-        METRICS_FILE: _json(dict(metrics or {})),
-        LINEAGE_FILE: _json(dict(lineage or {})),
+        CLASSES_FILE: storage.json_bytes(list(classes), sort_keys=True),
+        METRICS_FILE: storage.json_bytes(dict(metrics or {}), sort_keys=True),
+        LINEAGE_FILE: storage.json_bytes(dict(lineage or {}), sort_keys=True),
     }
     for name, data in files.items():
         storage.write_bytes(storage.join(uri, name), data)
     # Last: an export with checksums.json is complete (a crash before this leaves an unloadable folder).
     checksums = {"algorithm": "sha256", "files": {name: _sha256(data) for name, data in files.items()}}
-    storage.write_bytes(storage.join(uri, CHECKSUMS_FILE), _json(checksums))
+    storage.write_bytes(storage.join(uri, CHECKSUMS_FILE), storage.json_bytes(checksums, sort_keys=True))
     return uri
 
 

@@ -268,13 +268,36 @@ def plot_pareto(
         ax = fig.add_subplot(1, len(pairs), n + 1)
         for fusion, color in colors.items():
             group = [r for r in records if r["fusion"] == fusion]
-            ax.scatter([_value(r, x_key) for r in group], [_value(r, y_key) for r in group], color=color, label=fusion, s=36, alpha=0.85)
+            ax.scatter(
+                [_value(r, x_key) for r in group],
+                [_value(r, y_key) for r in group],
+                color=color,
+                label=fusion,
+                s=36,
+                alpha=0.85,
+            )
         on_front = sorted((r for r in records if r["trial_id"] in front), key=lambda r: _value(r, x_key))
-        ax.scatter([_value(r, x_key) for r in on_front], [_value(r, y_key) for r in on_front], s=140,
-                   facecolors="none", edgecolors="black", linewidths=1.2, label="Pareto front")  # fmt: skip
+        ax.scatter(
+            [_value(r, x_key) for r in on_front],
+            [_value(r, y_key) for r in on_front],
+            s=140,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.2,
+            label="Pareto front",
+        )
         for r in records:
             if r["trial_id"] == best:
-                ax.scatter([_value(r, x_key)], [_value(r, y_key)], marker="*", s=260, color="gold", edgecolors="black", zorder=5, label="best objective")
+                ax.scatter(
+                    [_value(r, x_key)],
+                    [_value(r, y_key)],
+                    marker="*",
+                    s=260,
+                    color="gold",
+                    edgecolors="black",
+                    zorder=5,
+                    label="best objective",
+                )
         ax.set_xlabel(x_key)
         ax.set_ylabel(y_key)
         ax.grid(alpha=0.3)
@@ -314,8 +337,10 @@ def plot_ablation(variants: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
     for i, name in enumerate(names):
         stats = variants[name]["summary"]
         means = [stats[m]["mean"] if stats[m]["mean"] is not None else 0.0 for m in metrics]
-        errors = [[0.0 if not stats[m]["ci"] else means[k] - stats[m]["ci"][0] for k, m in enumerate(metrics)],
-                  [0.0 if not stats[m]["ci"] else stats[m]["ci"][1] - means[k] for k, m in enumerate(metrics)]]  # fmt: skip
+        errors = [
+            [0.0 if not stats[m]["ci"] else means[k] - stats[m]["ci"][0] for k, m in enumerate(metrics)],
+            [0.0 if not stats[m]["ci"] else stats[m]["ci"][1] - means[k] for k, m in enumerate(metrics)],
+        ]
         positions = np.arange(len(metrics)) + (i - (len(names) - 1) / 2) * width
         ax.bar(positions, means, width, yerr=errors, capsize=4, color=colors[name], label=name)
     ax.set_xticks(range(len(metrics)), metrics)

@@ -42,7 +42,7 @@ from typing import Any
 from medfusion import storage
 from medfusion.config import ConfigError
 
-DEFAULT_REGISTRY_URI = "s3://medfusion/registry"  # the same default as PipelineConfig.registry_uri
+DEFAULT_REGISTRY_URI = "s3://medfusion/registry"  # the default of every config that names a registry
 REGISTRY_ENV = "MEDFUSION_REGISTRY"
 LATEST = "latest"
 VERSION_FILE = "version.json"
@@ -54,9 +54,25 @@ _NAME = re.compile(NAME_PATTERN)  # used with fullmatch
 # Metrics shown in `models list`, in this order when present (else the first few reported).
 LIST_METRICS = ("accuracy", "macro_f1", "mean_iou", "rouge_l", "bleu4")
 # Hyper-parameters the model card shows, matched on the last segment of a dotted config key.
-KEY_PARAMS = ("preset", "fusion", "cnn_widths", "embed_dim", "hidden_dim", "decoder_dim", "attention_heads",
-              "dropout", "modality_dropout", "image_size", "lr", "weight_decay", "batch_size", "epochs",
-              "strategy", "zero_stage", "seed")
+KEY_PARAMS = (
+    "preset",
+    "fusion",
+    "cnn_widths",
+    "embed_dim",
+    "hidden_dim",
+    "decoder_dim",
+    "attention_heads",
+    "dropout",
+    "modality_dropout",
+    "image_size",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "strategy",
+    "zero_stage",
+    "seed",
+)
 
 
 class RegistryError(ValueError):
@@ -125,25 +141,6 @@ def _latest_uri(registry_uri: str, name: str) -> str:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become null, tuples lists, unknown objects strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _plain(value.item())
-    return str(value)
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(_plain(value), indent=2, sort_keys=True, allow_nan=False).encode()
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -158,7 +155,9 @@ def _metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 def _metrics_ci(metrics_ci: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
     out = {}
     for metric, interval in metrics_ci.items():
-        bounds = [_number(v) for v in interval] if isinstance(interval, Sequence) and not isinstance(interval, str) else []
+        bounds = (
+            [_number(v) for v in interval] if isinstance(interval, Sequence) and not isinstance(interval, str) else []
+        )
         if len(bounds) != 2 or None in bounds or bounds[0] > bounds[1]:
             raise ConfigError(f"metrics_ci.{metric}: expected [low, high] with low <= high, got {interval!r}")
         out[str(metric)] = bounds
@@ -194,7 +193,7 @@ def _scan(registry_uri: str) -> list[tuple[str, ...]]:
         # temporary files while we walk, which must not fail the listing.
         return [(*Path(folder).relative_to(base).parts, file) for folder, _, files in os.walk(base) for file in files]
     prefix = f"s3://{base.rstrip('/')}/"
-    return [tuple(uri[len(prefix):].split("/")) for uri in storage.list_files(registry_uri) if uri.startswith(prefix)]
+    return [tuple(uri[len(prefix) :].split("/")) for uri in storage.list_files(registry_uri) if uri.startswith(prefix)]
 
 
 def _read_json(uri: str) -> dict[str, Any]:
@@ -245,17 +244,36 @@ def _model_version(registry_uri: str, name: str, version: str, meta: Mapping[str
 # ------------------------------------------------------------------------------------ writing
 
 
-def _lineage(export_lineage: Mapping[str, Any], extra: Mapping[str, Any], *, source_uri: str, name: str,
-             version: str, uri: str, registry_uri: str, content_sha256: str) -> dict[str, Any]:
+def _lineage(
+    export_lineage: Mapping[str, Any],
+    extra: Mapping[str, Any],
+    *,
+    source_uri: str,
+    name: str,
+    version: str,
+    uri: str,
+    registry_uri: str,
+    content_sha256: str,
+) -> dict[str, Any]:
     """The export's lineage, the caller's on top, and the links down to this version. No timestamps:
     concurrent registrations of the same export must write identical bytes."""
     merged = {**dict(export_lineage), **dict(extra)}
-    merged.update(source_uri=source_uri, model_name=name, model_version=version, model_uri=uri,
-                  registry_uri=registry_uri, export_checksums_sha256=content_sha256)
+    merged.update(
+        source_uri=source_uri,
+        model_name=name,
+        model_version=version,
+        model_uri=uri,
+        registry_uri=registry_uri,
+        export_checksums_sha256=content_sha256,
+    )
     merged["chain"] = [
         {"step": "dataset", "uri": merged.get("dataset_uri"), "version": merged.get("dataset_version")},
-        {"step": "run", "trial_id": merged.get("trial_id"), "run_id": merged.get("run_id"),
-         "sweep_uri": merged.get("sweep_uri")},
+        {
+            "step": "run",
+            "trial_id": merged.get("trial_id"),
+            "run_id": merged.get("run_id"),
+            "sweep_uri": merged.get("sweep_uri"),
+        },
         {"step": "checkpoint", "uri": merged.get("checkpoint_uri")},
         {"step": "export", "uri": source_uri},
         {"step": "model", "ref": f"{name}:{version}", "uri": uri},
@@ -289,19 +307,29 @@ def render_card(mv: ModelVersion, params: Mapping[str, Any], export_config: Mapp
         lines += ["| metric | value | 95% CI |", "|---|---|---|"]
         for metric in [*mv.metrics, *(m for m in mv.metrics_ci if m not in mv.metrics)]:
             value, ci = mv.metrics.get(metric), mv.metrics_ci.get(metric)
-            lines.append(f"| {metric} | {'-' if value is None else f'{value:.4f}'} | "
-                         f"{f'[{ci[0]:.4f}, {ci[1]:.4f}]' if ci else 'not computed'} |")
-        lines += ["", "As recorded at registration (the caller's, else the export's metrics.json). A CI covers "
-                  "the sampling noise of the evaluation split only, not a shift to other data."]
+            lines.append(
+                f"| {metric} | {'-' if value is None else f'{value:.4f}'} | "
+                f"{f'[{ci[0]:.4f}, {ci[1]:.4f}]' if ci else 'not computed'} |"
+            )
+        lines += [
+            "",
+            "As recorded at registration (the caller's, else the export's metrics.json). A CI covers "
+            "the sampling noise of the evaluation split only, not a shift to other data.",
+        ]
     else:
         lines.append("No metrics were recorded with this version.")
     lines += ["", "## Configuration (key hyper-parameters)", ""]
     if params:
-        lines += ["| parameter | value |", "|---|---|", *(f"| {k} | {json.dumps(_plain(v))} |" for k, v in params.items())]
+        lines += [
+            "| parameter | value |",
+            "|---|---|",
+            *(f"| {k} | {json.dumps(storage.json_safe(v))} |" for k, v in params.items()),
+        ]
     else:
         lines.append("Not recorded.")
     lines += [
-        "", "The full configuration is in lineage.json (`config`) and config.json.",
+        "",
+        "The full configuration is in lineage.json (`config`) and config.json.",
         "",
         "## Intended use",
         "",
@@ -329,10 +357,18 @@ def render_card(mv: ModelVersion, params: Mapping[str, Any], export_config: Mapp
     return "\n".join(lines) + "\n"
 
 
-def register(export_uri: str, registry_uri: str, name: str, *, version: str = "",
-             metrics: Mapping[str, float] | None = None, metrics_ci: Mapping[str, Sequence[float]] | None = None,
-             lineage: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
-             set_latest: bool = True) -> ModelVersion:
+def register(
+    export_uri: str,
+    registry_uri: str,
+    name: str,
+    *,
+    version: str = "",
+    metrics: Mapping[str, float] | None = None,
+    metrics_ci: Mapping[str, Sequence[float]] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    set_latest: bool = True,
+) -> ModelVersion:
     """Copy a verified export into the registry as ``name:version`` and (by default) make it latest.
 
     Args:
@@ -369,8 +405,19 @@ def register(export_uri: str, registry_uri: str, name: str, *, version: str = ""
     storage.ensure_bucket(uri)
     existing = _marker(uri)
     if existing is None:
-        _copy(files, uri, registry_uri=registry_uri, name=name, version=version, source_uri=export_uri,
-              content_sha256=content_sha256, metrics=metrics, metrics_ci=metrics_ci, lineage=lineage, config=config)
+        _copy(
+            files,
+            uri,
+            registry_uri=registry_uri,
+            name=name,
+            version=version,
+            source_uri=export_uri,
+            content_sha256=content_sha256,
+            metrics=metrics,
+            metrics_ci=metrics_ci,
+            lineage=lineage,
+            config=config,
+        )
     elif existing.get("content_sha256") != content_sha256:
         raise RegistryError(
             f"{name}:{version} already exists at {uri} with other content (registered {existing.get('registered_at')} "
@@ -382,35 +429,69 @@ def register(export_uri: str, registry_uri: str, name: str, *, version: str = ""
     return get_version(registry_uri, f"{name}:{version}")
 
 
-def _copy(files: dict[str, bytes], uri: str, *, registry_uri: str, name: str, version: str, source_uri: str,
-          content_sha256: str, metrics: Mapping[str, float] | None, metrics_ci: Mapping[str, Sequence[float]] | None,
-          lineage: Mapping[str, Any] | None, config: Mapping[str, Any] | None) -> None:
+def _copy(
+    files: dict[str, bytes],
+    uri: str,
+    *,
+    registry_uri: str,
+    name: str,
+    version: str,
+    source_uri: str,
+    content_sha256: str,
+    metrics: Mapping[str, float] | None,
+    metrics_ci: Mapping[str, Sequence[float]] | None,
+    lineage: Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
+) -> None:
     """Write the version folder; version.json last (a crash before it leaves an invisible partial copy)."""
     from medfusion.export import CHECKSUMS_FILE, CONFIG_FILE, EXPORT_FILES, METRICS_FILE
 
     export_config = json.loads(files[CONFIG_FILE])
-    merged = _lineage(json.loads(files[LINEAGE_FILE]), lineage or {}, source_uri=source_uri, name=name,
-                      version=version, uri=uri, registry_uri=registry_uri, content_sha256=content_sha256)
-    lineage_bytes = _json_bytes(merged)
+    merged = _lineage(
+        json.loads(files[LINEAGE_FILE]),
+        lineage or {},
+        source_uri=source_uri,
+        name=name,
+        version=version,
+        uri=uri,
+        registry_uri=registry_uri,
+        content_sha256=content_sha256,
+    )
+    lineage_bytes = storage.json_bytes(merged, sort_keys=True)
     contents = {**{f: files[f] for f in EXPORT_FILES}, LINEAGE_FILE: lineage_bytes}
     # The copy stays a loadable export: its checksums now cover the registry's lineage.json.
     checksums = {"algorithm": "sha256", "files": {f: hashlib.sha256(d).hexdigest() for f, d in contents.items()}}
     recorded = _metrics(metrics if metrics is not None else json.loads(files[METRICS_FILE]))
     mv = ModelVersion(
-        name=name, version=version, uri=uri, registered_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        dataset_version=str(merged.get("dataset_version") or ""), metrics=recorded,
-        metrics_ci=_metrics_ci(metrics_ci or {}), source_uri=source_uri, lineage=merged,
+        name=name,
+        version=version,
+        uri=uri,
+        registered_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        dataset_version=str(merged.get("dataset_version") or ""),
+        metrics=recorded,
+        metrics_ci=_metrics_ci(metrics_ci or {}),
+        source_uri=source_uri,
+        lineage=merged,
     )
-    params = key_params(config or merged.get("config") or {"model": export_config.get("model", {}),
-                                                            "data": export_config.get("data", {})})
+    params = key_params(
+        config
+        or merged.get("config")
+        or {"model": export_config.get("model", {}), "data": export_config.get("data", {})}
+    )
     for file_name, data in contents.items():
         storage.write_bytes(storage.join(uri, file_name), data)
     storage.write_text(storage.join(uri, CARD_FILE), render_card(mv, params, export_config))
-    storage.write_bytes(storage.join(uri, CHECKSUMS_FILE), _json_bytes(checksums))
+    storage.write_bytes(storage.join(uri, CHECKSUMS_FILE), storage.json_bytes(checksums, sort_keys=True))
     meta = {k: v for k, v in asdict(mv).items() if k not in ("lineage", "is_latest", "uri")}
-    meta.update(format_version=FORMAT_VERSION, content_sha256=content_sha256,
-                dataset_uri=merged.get("dataset_uri"), params=params)
-    storage.write_bytes(storage.join(uri, VERSION_FILE), _json_bytes(meta))  # last: the version is complete
+    meta.update(
+        format_version=FORMAT_VERSION,
+        content_sha256=content_sha256,
+        dataset_uri=merged.get("dataset_uri"),
+        params=params,
+    )
+    storage.write_bytes(
+        storage.join(uri, VERSION_FILE), storage.json_bytes(meta, sort_keys=True)
+    )  # last: the version is complete
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -427,11 +508,22 @@ def list_versions(registry_uri: str, name: str = "") -> list[ModelVersion]:
     """The complete versions of one model (or of every model), newest registration first."""
     if name:
         _check_name(name, "name")
-    found = [(p[0], p[1]) for p in _scan(registry_uri)
-             if len(p) == 3 and p[2] == VERSION_FILE and p[0] == (name or p[0]) and _NAME.fullmatch(p[0]) and _NAME.fullmatch(p[1])]
+    found = [
+        (p[0], p[1])
+        for p in _scan(registry_uri)
+        if len(p) == 3
+        and p[2] == VERSION_FILE
+        and p[0] == (name or p[0])
+        and _NAME.fullmatch(p[0])
+        and _NAME.fullmatch(p[1])
+    ]
     latest = {n: _latest(registry_uri, n) for n in {n for n, _ in found}}
-    versions = [_model_version(registry_uri, n, v, _read_json(storage.join(_version_uri(registry_uri, n, v), VERSION_FILE)),
-                               latest[n]) for n, v in found]
+    versions = [
+        _model_version(
+            registry_uri, n, v, _read_json(storage.join(_version_uri(registry_uri, n, v), VERSION_FILE)), latest[n]
+        )
+        for n, v in found
+    ]
     return sorted(versions, key=lambda mv: (mv.registered_at, mv.name, mv.version), reverse=True)
 
 
@@ -443,8 +535,14 @@ def _not_found(registry_uri: str, name: str, version: str) -> ModelNotFoundError
         return ModelNotFoundError(f"model {name!r} is not in the registry {registry_uri}; models: {known}")
     versions = [mv.version for mv in list_versions(registry_uri, name)]
     partial = any(len(p) == 3 and p[:2] == (name, version) for p in paths)
-    why = (f"{name}:{version} is incomplete (no {VERSION_FILE}: a registration in progress or interrupted; "
-           "registering its export again completes it)") if partial else f"model {name!r} has no version {version!r}"
+    why = (
+        (
+            f"{name}:{version} is incomplete (no {VERSION_FILE}: a registration in progress or interrupted; "
+            "registering its export again completes it)"
+        )
+        if partial
+        else f"model {name!r} has no version {version!r}"
+    )
     return ModelNotFoundError(f"{why}; versions in {registry_uri} (newest first): {', '.join(versions)}")
 
 
@@ -477,8 +575,11 @@ def resolve_model_uri(registry_uri: str, name: str, version: str = LATEST) -> st
 
 def _list_metrics(metrics: Mapping[str, float], limit: int = 3) -> list[str]:
     """The metrics `models list` shows: LIST_METRICS first, also under a prefix (test_accuracy...)."""
-    shown = [next(k for k in metrics if k == m or k.endswith(f"_{m}")) for m in LIST_METRICS
-             if any(k == m or k.endswith(f"_{m}") for k in metrics)]
+    shown = [
+        next(k for k in metrics if k == m or k.endswith(f"_{m}"))
+        for m in LIST_METRICS
+        if any(k == m or k.endswith(f"_{m}") for k in metrics)
+    ]
     return list(dict.fromkeys(shown + list(metrics)))[:limit]
 
 
@@ -489,8 +590,16 @@ def format_table(versions: Sequence[ModelVersion]) -> str:
     rows = [("NAME", "VERSION", "REGISTERED (UTC)", "DATA VERSION", "METRICS", "LATEST")]
     for mv in versions:
         shown = _list_metrics(mv.metrics)
-        rows.append((mv.name, mv.version, mv.registered_at[:19].replace("T", " "), (mv.dataset_version or "unknown")[:16],
-                     " ".join(f"{m}={mv.metrics[m]:.4f}" for m in shown) or "-", "*" if mv.is_latest else ""))
+        rows.append(
+            (
+                mv.name,
+                mv.version,
+                mv.registered_at[:19].replace("T", " "),
+                (mv.dataset_version or "unknown")[:16],
+                " ".join(f"{m}={mv.metrics[m]:.4f}" for m in shown) or "-",
+                "*" if mv.is_latest else "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -498,5 +607,7 @@ def format_table(versions: Sequence[ModelVersion]) -> str:
 def describe(mv: ModelVersion) -> str:
     """`models show`: the model card followed by where everything is."""
     card = storage.read_text(storage.join(mv.uri, CARD_FILE))
-    return (f"{card}\n## Where\n\n- version folder (export): {mv.uri}\n- copied from: {mv.source_uri}\n"
-            f"- lineage: {storage.join(mv.uri, LINEAGE_FILE)}\n- latest: {'yes' if mv.is_latest else 'no'}\n")
+    return (
+        f"{card}\n## Where\n\n- version folder (export): {mv.uri}\n- copied from: {mv.source_uri}\n"
+        f"- lineage: {storage.join(mv.uri, LINEAGE_FILE)}\n- latest: {'yes' if mv.is_latest else 'no'}\n"
+    )

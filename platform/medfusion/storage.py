@@ -9,13 +9,15 @@ that outlives the retries names the object.
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -27,8 +29,44 @@ RETRY_BASE_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 8.0
 
 
+# AWS error codes that retrying cannot fix: wrong or expired credentials, a refused policy, a bucket
+# that does not exist. pyarrow spells them ACCESS_DENIED, S3 itself and boto3 AccessDenied.
+PERMANENT_S3_ERRORS = {
+    "ACCESS_DENIED": "access denied: the credentials are wrong or lack permission",
+    "INVALID_ACCESS_KEY_ID": "the server knows no such access key id",
+    "SIGNATURE_DOES_NOT_MATCH": "the secret key does not match the access key id",
+    "NO_SUCH_BUCKET": "the bucket does not exist",
+    "EXPIRED_TOKEN": "the session token has expired",
+    "INVALID_TOKEN": "the session token is not valid",
+}
+
+
 class StorageError(IOError):
     """An object could not be read or written; the message names it."""
+
+
+class StorageAccessError(StorageError):
+    """S3 refused a request for a reason retrying cannot fix; the message names the object, the
+    reason and where the credentials came from."""
+
+
+def permanent_s3_error(err: BaseException) -> str | None:
+    """The code of a permanent S3 error in `err`'s message (ACCESS_DENIED, …), or None."""
+    text = str(err)
+    for code in PERMANENT_S3_ERRORS:
+        if code in text or code.title().replace("_", "") in text:
+            return code
+    return None
+
+
+def credential_source() -> str:
+    """Where S3 credentials come from, for error messages (the access key id shortened, no secret)."""
+    key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS S3"
+    if key:
+        shown = key[:4] + "…" if len(key) > 4 else key
+        return f"AWS_ACCESS_KEY_ID={shown} and AWS_SECRET_ACCESS_KEY from the environment, endpoint {endpoint}"
+    return f"no AWS_ACCESS_KEY_ID in the environment (the AWS SDK's default chain), endpoint {endpoint}"
 
 
 def is_s3(uri: str) -> bool:
@@ -42,15 +80,31 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri).joinpath(*parts))
 
 
-_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-            "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+def parent(uri: str) -> str:
+    """The folder holding `uri` (``s3://b/runs/r1/model`` -> ``s3://b/runs/r1``); a bucket is its own parent."""
+    if is_s3(uri):
+        root = uri.rstrip("/")
+        return root.rsplit("/", 1)[0] if root.count("/") > 2 else root
+    return str(Path(uri).parent)
+
+
+# The standard AWS variables that configure S3 access (credentials, endpoint, region).
+AWS_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem from the standard AWS environment variables (cached per env, so
     connections are reused across calls)."""
     # The pid is part of the key: the AWS SDK client must not be shared across fork().
-    return _s3_filesystem((os.getpid(), *(os.environ.get(k) for k in _AWS_ENV)))
+    return _s3_filesystem((os.getpid(), *(os.environ.get(k) for k in AWS_ENV_VARS)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,7 +140,12 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def with_retries(what: str, fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS) -> T:
     """Run `fn`, retrying transient I/O errors with exponential backoff.
 
-    Errors that retrying cannot fix (not found, permission, wrong kind of path) are raised at once.
+    Errors that retrying cannot fix (not found, permission, wrong kind of path, S3's refusals of the
+    credentials or the bucket) are raised at once.
+
+    Raises:
+        StorageAccessError: S3 refused the credentials or the bucket (not retried).
+        StorageError: a transient error outlived the retries.
     """
     delay = RETRY_BASE_DELAY_S
     for attempt in range(1, attempts + 1):
@@ -95,6 +154,11 @@ def with_retries(what: str, fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise  # retrying cannot help
         except (OSError, ConnectionError) as err:
+            code = permanent_s3_error(err)
+            if code:
+                raise StorageAccessError(
+                    f"{what}: {PERMANENT_S3_ERRORS[code]} ({code}); credentials: {credential_source()}"
+                ) from err
             if attempt == attempts:
                 raise StorageError(f"{what}: failed after {attempts} attempts ({err})") from err
             time.sleep(delay)
@@ -178,3 +242,29 @@ def ensure_bucket(uri: str) -> None:
     info = with_retries(f"stat s3://{bucket}", lambda: fs.get_file_info(bucket))
     if info.type == pafs.FileType.NotFound:
         with_retries(f"create bucket s3://{bucket}", lambda: fs.create_dir(bucket))
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of `value` that strict JSON accepts: non-finite floats become null, tuples lists,
+    numpy/torch scalars numbers, and any other object its string."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "item") and callable(value.item):
+        return json_safe(value.item())
+    return str(value)
+
+
+def json_bytes(value: Any, *, sort_keys: bool = False) -> bytes:
+    """`value` as indented strict JSON (see json_safe)."""
+    return json.dumps(json_safe(value), indent=2, sort_keys=sort_keys, allow_nan=False).encode()
+
+
+def write_json(uri: str, value: Any, *, sort_keys: bool = False) -> None:
+    """Write `value` to `uri` as indented strict JSON (see json_safe)."""
+    write_bytes(uri, json_bytes(value, sort_keys=sort_keys))

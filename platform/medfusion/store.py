@@ -253,11 +253,6 @@ class Store:
             self._proc = None
         return True
 
-    def purge(self) -> None:
-        """Stop the server and delete its data and state."""
-        self.down()
-        shutil.rmtree(self.root, ignore_errors=True)
-
 
 def export_lines(env: dict[str, str]) -> str:
     """`export K=V` lines for a shell."""

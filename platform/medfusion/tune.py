@@ -1,8 +1,8 @@
 """The tune stage: `run_tune(TuneConfig) -> TuneResult`, a Ray Tune sweep of Ray Train + DeepSpeed runs.
 
 How Tune drives Train (Ray 2.60, Train V2, as its "Hyperparameter Tuning with Ray Tune" guide does):
-every trial is a Tune function trainable (medfusion.tuning.trials.train_trial) that builds the run's TorchTrainer with the code
-`medfusion train` runs (medfusion.train.train_here -> build_trainer) and passes
+every trial is a Tune function trainable (medfusion.tuning.trials.train_trial) that builds the run's
+TorchTrainer with the code `medfusion train` runs (medfusion.training.run.train_here -> build_trainer) and passes
 ``ray.tune.integration.ray_train.TuneReportCallback()`` in its RunConfig, so each epoch's
 ``ray.train.report`` (validation metrics and ``val_objective``) reaches Tune, and ASHA stops trials
 whose objective trails. The trial function only waits on its Train run, so it reserves
@@ -26,7 +26,7 @@ Ray: unless this process is already connected to one, an embedded Ray is started
 dashboard*: a trial that ASHA stops frees its Train workers' placement group through Ray Train's
 placement-group cleaner, which needs the State API that the dashboard serves; without it the next
 trial waits for resources forever. Its workers pin RAY_ADDRESS to their own cluster
-(medfusion.train.pin_ray_address), so the cleaner finds it on a machine that runs several Rays.
+(medfusion.training.runtime.pin_ray_address), so the cleaner finds it on a machine that runs several Rays.
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ from typing import Any
 import yaml
 
 from medfusion import storage
-from medfusion.config import ConfigError, TuneConfig, dump_yaml, load_config, preset_values, to_dict
+from medfusion.config import ConfigError
+from medfusion.loader import apply_preset, dump_yaml, load_config, to_dict
 from medfusion.tuning import results as R
 from medfusion.tuning.ablation import register_best, run_ablation
+from medfusion.tuning.config import TuneConfig
 from medfusion.tuning.space import Dimension, parse_search_space, read_search_space, trial_config, trial_values
 from medfusion.tuning.trials import (
     METRIC,
     MODE,
     TRIALS_DIR,
-    VAL_KEYS,
     SweepInterrupted,
     concurrency_of,
     interrupted_message,
@@ -61,9 +62,7 @@ from medfusion.tuning.trials import (
     task_keys,
     trainable_for,
     trial_records,
-    usable,
 )
-
 
 SWEEP_CONFIG = "config.yaml"
 
@@ -140,17 +139,15 @@ def load_tune_config(
     With `resume`, the sweep's own config.yaml (found from storage_uri and name) replaces the
     defaults and the preset, so only what the overrides change differs from the interrupted sweep.
     """
-    base: dict[str, Any] = {}
-    if preset:
-        base = {section: preset_values(preset, section) for section in ("model", "data")}
-    cfg = load_config(TuneConfig, path, overrides, base={**base, "resume": resume})
+    cfg = load_config(TuneConfig, path, overrides, base=apply_preset(preset or "", {"resume": resume}))
     if not resume:
         return cfg
     saved_uri = storage.join(_storage_root(cfg.storage_uri), cfg.name, SWEEP_CONFIG)
     try:
         saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
     except FileNotFoundError:
-        raise ConfigError(f"name: no sweep to resume at {saved_uri.rsplit('/', 1)[0]} ({SWEEP_CONFIG} not found)") from None
+        where = storage.parent(saved_uri)
+        raise ConfigError(f"name: no sweep to resume at {where} ({SWEEP_CONFIG} not found)") from None
     return load_config(TuneConfig, path, overrides, base={**saved, "resume": True})
 
 
@@ -169,13 +166,14 @@ def _resolve_sweep(cfg: TuneConfig) -> TuneConfig:
 
 def _check_sweep_folder(cfg: TuneConfig, sweep_uri: str, space: Mapping[str, Any]) -> None:
     """A fresh sweep must not reuse a folder; a resumed one must be the same sweep."""
-    from medfusion.train import saved_config
+    from medfusion.training.rundir import saved_config
 
-    saved = saved_config(
-        storage.join(sweep_uri, SWEEP_CONFIG), cfg.resume,
-        f"name: a sweep named {cfg.name!r} already exists at {sweep_uri}; continue it with --resume (resume=true) or choose another name",
-        f"resume: no sweep at {sweep_uri} ({SWEEP_CONFIG} not found)",
-    )  # fmt: skip
+    taken = (
+        f"name: a sweep named {cfg.name!r} already exists at {sweep_uri}; "
+        "continue it with --resume (resume=true) or choose another name"
+    )
+    missing = f"resume: no sweep at {sweep_uri} ({SWEEP_CONFIG} not found)"
+    saved = saved_config(storage.join(sweep_uri, SWEEP_CONFIG), cfg.resume, taken, missing)
     if saved is None:
         return
     current = to_dict(cfg)
@@ -193,7 +191,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         SweepInterrupted: the sweep was interrupted; ``resume=true`` continues it.
         RuntimeError: no trial succeeded.
     """
-    from medfusion.train import _plan
+    from medfusion.training.run import plan_run
 
     cfg = _resolve_sweep(cfg)
     sweep_uri = sweep_uri_of(cfg)
@@ -201,15 +199,19 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     base = trial_values(cfg)
     dims = parse_search_space(space, base, grid=cfg.search == "grid")
     trial = trial_config(base)
-    _plan(dataclasses.replace(trial, storage_uri=sweep_uri, name="probe"))  # the dataset is there and big enough
+    plan_run(dataclasses.replace(trial, storage_uri=sweep_uri, name="probe"))  # the dataset is there and big enough
     _check_sweep_folder(cfg, sweep_uri, space)
     storage.ensure_bucket(sweep_uri)
     if not cfg.resume:
-        storage.write_text(storage.join(sweep_uri, SWEEP_CONFIG),
-                           dump_yaml(dataclasses.replace(cfg, search_space=space, search_space_file="")))  # fmt: skip
+        resolved = dataclasses.replace(cfg, search_space=space, search_space_file="")
+        storage.write_text(storage.join(sweep_uri, SWEEP_CONFIG), dump_yaml(resolved))
     num_samples = cfg.num_samples or (1 if cfg.search == "grid" else DEFAULT_SAMPLES)
-    print(f"[medfusion] sweep {sweep_uri}: search={cfg.search}, scheduler={cfg.scheduler}, "
-          f"{'grid x ' if cfg.search == 'grid' else ''}{num_samples} samples, up to {trial.epochs} epochs per trial", flush=True)  # fmt: skip
+    samples = f"{'grid x ' if cfg.search == 'grid' else ''}{num_samples} samples"
+    print(
+        f"[medfusion] sweep {sweep_uri}: search={cfg.search}, scheduler={cfg.scheduler}, {samples}, "
+        f"up to {trial.epochs} epochs per trial",
+        flush=True,
+    )
     for dim in dims:
         print(f"[medfusion]   {dim.key}: {dim.describe()}", flush=True)
 
@@ -218,56 +220,69 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         concurrency = concurrency_of(cfg, trial)
         trainable = trainable_for(dims, base, storage.join(sweep_uri, TRIALS_DIR), cfg)
         grid = run_experiment(
-            cfg, sweep_uri=sweep_uri, tune_dir=TUNE_DIR, trainable=trainable, dims=dims, search=cfg.search,
-            scheduler=cfg.scheduler, num_samples=num_samples, concurrency=concurrency, trial=trial,
+            cfg,
+            sweep_uri=sweep_uri,
+            tune_dir=TUNE_DIR,
+            trainable=trainable,
+            dims=dims,
+            search=cfg.search,
+            scheduler=cfg.scheduler,
+            num_samples=num_samples,
+            concurrency=concurrency,
+            trial=trial,
             interrupt_after=cfg.interrupt_after_trials,
-        )  # fmt: skip
+        )
         records = R.rank(trial_records(grid, dims, base, trial, sweep_uri))
+        # leaderboard.json's entries; the table and the plots take this JSON shape, which the KFP
+        # artifact and the demo read back from the file.
+        trials = [record.to_dict() for record in records]
         keys = task_keys(cfg)
         front = R.pareto_front(records, keys)
         leaderboard_uri = storage.join(sweep_uri, LEADERBOARD_FILE)
         expected = num_samples * (math.prod(len(d.values) for d in dims) if cfg.search == "grid" else 1)
         # An interrupted sweep leaves trials unfinished, or never creates the rest (searchers create
         # trials one by one), so both count.
-        unfinished = [r for r in records if r["status"] == R.UNFINISHED] + [None] * max(0, expected - len(records))
-        best = next((r for r in records if usable(r)), None)
-        _write_leaderboard(cfg, leaderboard_uri, records, front, dims, best, interrupted=bool(unfinished))
-        print("\n" + R.leaderboard_table(records, [d.key for d in dims], keys), flush=True)
+        unfinished = [r for r in records if r.status == R.UNFINISHED] + [None] * max(0, expected - len(records))
+        best = next((r for r in records if r.usable), None)
+        _write_leaderboard(cfg, leaderboard_uri, trials, front, dims, best, interrupted=bool(unfinished))
+        print("\n" + R.leaderboard_table(trials, [d.key for d in dims], keys), flush=True)
         if unfinished:
-            raise SweepInterrupted(interrupted_message(cfg, sweep_uri, f"{len(unfinished)} of {expected} trials not finished"))
+            left = f"{len(unfinished)} of {expected} trials not finished"
+            raise SweepInterrupted(interrupted_message(cfg, sweep_uri, left))
         if best is None:
-            errors = "; ".join(f"{r['trial_id']}: {r.get('error')}" for r in records if r.get("error"))
+            errors = "; ".join(f"{r.trial_id}: {r.error}" for r in records if r.error)
             raise RuntimeError(f"sweep {sweep_uri}: no trial succeeded ({errors or 'no trial reported a result'})")
         from medfusion import plots
 
-        pareto_uri = plots.plot_pareto(records, keys, front, storage.join(sweep_uri, PARETO_FILE), best=best["trial_id"])
-        boxplot_uri = plots.plot_fusion_boxplots(records, ["objective", *keys], storage.join(sweep_uri, BOXPLOT_FILE))
-        print(f"\n[medfusion] best trial {best['trial_id']} ({best['fusion']}): objective {best['objective']:.4f}; "
-              f"Pareto front: {', '.join(front)}", flush=True)  # fmt: skip
+        pareto_uri = plots.plot_pareto(trials, keys, front, storage.join(sweep_uri, PARETO_FILE), best=best.trial_id)
+        boxplot_uri = plots.plot_fusion_boxplots(trials, [R.OBJECTIVE, *keys], storage.join(sweep_uri, BOXPLOT_FILE))
+        headline = f"best trial {best.trial_id} ({best.fusion}): objective {best.objective:.4f}"
+        print(f"\n[medfusion] {headline}; Pareto front: {', '.join(front)}", flush=True)
 
         ablation = run_ablation(cfg, records, dims, base, trial, sweep_uri, concurrency) if cfg.seeds else None
         result = TuneResult(
             sweep_uri=sweep_uri,
             leaderboard_uri=leaderboard_uri,
-            model_uri=best["model_uri"],
-            best_trial_id=best["trial_id"],
-            best_config=dict(best["params"]),
-            best_metrics={**{k: float(best[k]) for k in VAL_KEYS if R.is_number(best.get(k))}, METRIC: float(best["objective"])},
-            objective=float(best["objective"]),
+            model_uri=best.model_uri,
+            best_trial_id=best.trial_id,
+            best_config=dict(best.params),
+            best_metrics={**best.val_metrics, METRIC: float(best.objective)},
+            objective=float(best.objective),
             pareto=front,
             pareto_uri=pareto_uri,
             boxplot_uri=boxplot_uri,
             trials=len(records),
-            trials_finished=sum(r["status"] == R.FINISHED for r in records),
-            trials_stopped_early=sum(bool(r.get("stopped_early")) for r in records),
-            trials_errored=sum(r["status"] == R.ERRORED for r in records),
+            trials_finished=sum(r.status == R.FINISHED for r in records),
+            trials_stopped_early=sum(r.stopped_early for r in records),
+            trials_errored=sum(r.status == R.ERRORED for r in records),
             ablation_uri=ablation["uri"] if ablation else "",
             ablation_plot_uri=ablation["plot_uri"] if ablation else "",
         )
         if cfg.register:
-            result.registered = register_best(cfg, result, best, ablation)
+            result.registered = register_best(cfg, sweep_uri, best, result.best_metrics, ablation)
             result.registry_uri = cfg.registry_uri
-        storage.write_text(storage.join(sweep_uri, RESULT_FILE), json.dumps(dataclasses.asdict(result), indent=2, default=str))
+        result_json = json.dumps(dataclasses.asdict(result), indent=2, default=str)
+        storage.write_text(storage.join(sweep_uri, RESULT_FILE), result_json)
         return result
     finally:
         if started:
@@ -277,24 +292,27 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
 
 
 def _write_leaderboard(
-    cfg: TuneConfig, uri: str, records: list[dict[str, Any]], front: list[str], dims: list[Dimension],
-    best: dict[str, Any] | None, interrupted: bool,
-) -> None:  # fmt: skip
-    from medfusion.export import _finite
-
+    cfg: TuneConfig,
+    uri: str,
+    trials: list[dict[str, Any]],
+    front: list[str],
+    dims: list[Dimension],
+    best: R.TrialRecord | None,
+    interrupted: bool,
+) -> None:
     data = {
-        "sweep_uri": uri.rsplit("/", 1)[0],
+        "sweep_uri": storage.parent(uri),
         "metric": METRIC,
         "mode": MODE,
         "objective": to_dict(cfg.objective),
         "search_space": {dim.key: dim.describe() for dim in dims},
-        "best": best["trial_id"] if best else None,
+        "best": best.trial_id if best else None,
         "pareto": front,
         "pareto_metrics": task_keys(cfg),
         "interrupted": interrupted,
-        "trials": records,
+        "trials": trials,
     }
-    storage.write_text(uri, json.dumps(_finite(data), indent=2, allow_nan=False, default=str))
+    storage.write_json(uri, data)
 
 
 def read_result(sweep_uri: str) -> TuneResult:

@@ -14,15 +14,35 @@ pytestmark = pytest.mark.integration
 
 def test_bench_ingest_prints_its_json(s3_prefix):
     out = subprocess.run(
-        [sys.executable, "-m", "medfusion.cli", "bench", "ingest", "--samples", "64",
-         f"data_uri={s3_prefix}/bench", "image_size=32", "batch_size=16", "shard_size_mb=0.05"],
-        capture_output=True, text=True, env=os.environ, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "medfusion.cli",
+            "bench",
+            "ingest",
+            "--samples",
+            "64",
+            f"data_uri={s3_prefix}/bench",
+            "image_size=32",
+            "batch_size=16",
+            "shard_size_mb=0.05",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["bench"] == "ingest" and result["config"]["samples"] == 64
-    for name in ("ray_data_samples_per_s", "dataloader_samples_per_s", "decode_ceiling_samples_per_s",
-                 "ray_data_first_batch_s", "ray_data_peak_rss_n", "ray_data_peak_rss_4n"):
+    for name in (
+        "ray_data_samples_per_s",
+        "dataloader_samples_per_s",
+        "decode_ceiling_samples_per_s",
+        "ray_data_first_batch_s",
+        "ray_data_peak_rss_n",
+        "ray_data_peak_rss_4n",
+    ):
         assert result["figures"][name]["value"] > 0, name
     assert set(result["ratios"]) == {"ray_data_vs_dataloader", "ray_data_vs_decode_ceiling", "rss_4n_vs_n"}
     assert "(b) DataLoader" in out.stdout  # the human-readable table precedes the JSON

@@ -10,9 +10,11 @@ import threading
 import time
 
 import pytest
-from medfusion import serving
+
 from medfusion.bench.serve import LoadResult, encode_multipart, run_load
 from medfusion.config import ServeLimitsConfig
+from medfusion.serving import parsing
+from medfusion.serving.api import create_api
 
 
 def test_percentiles_and_errors():
@@ -27,14 +29,14 @@ def test_percentiles_and_errors():
 def test_the_bench_request_is_a_valid_predict_request():
     image = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
     body, content_type = encode_multipart(image, "cough")
-    with pytest.raises(serving.ApiError, match="cannot read the PNG header"):  # parsed as far as the image
-        serving.parse_predict_body(content_type, body, ServeLimitsConfig())
-    assert serving._parse_form(body, content_type, ServeLimitsConfig()).report == "cough"
+    with pytest.raises(parsing.ApiError, match="cannot read the PNG header"):  # parsed as far as the image
+        parsing.parse_predict_body(content_type, body, ServeLimitsConfig())
+    assert parsing._parse_form(body, content_type, ServeLimitsConfig()).report == "cough"
 
 
 def test_the_bench_serves_an_untrained_export_of_its_preset(tmp_path):
-    from medfusion.bench.serve import write_untrained_export
-    from medfusion.config import ConfigError, ServeBenchConfig
+    from medfusion.bench.serve import ServeBenchConfig, write_untrained_export
+    from medfusion.config import ConfigError
     from medfusion.predictor import Predictor
 
     uri = write_untrained_export(str(tmp_path / "export"), ServeBenchConfig(preset="small").preset)
@@ -63,7 +65,7 @@ def stub_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = serving.create_api(_Echo())
+    app = create_api(_Echo())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -111,8 +113,19 @@ def test_bench_prints_its_json_last(tmp_path):
         assert result["figures"][f"{system}_c4_errors"]["value"] == 0
         assert {f"{system}_vs_plain_c1", f"{system}_vs_plain_c4", f"{system}_vs_offline_c4"} <= set(result["ratios"])
     assert result["figures"]["plain_c4_errors"]["value"] == 0 and result["figures"]["offline_items_per_s"]["unit"]
-    assert result["figures"]["serve_floor_c4_errors"]["value"] == 0 and result["figures"]["serve_floor_c4_rps"]["value"] > 0
-    cpu = {name: result["figures"].get(f"{name}_c4_cpu_ms_{role}", {}).get("value", 0) for name, role in
-           (("serve", "proxy"), ("serve", "ingress"), ("serve", "model"), ("serve_floor", "replica"), ("plain", "server"))}
+    assert (
+        result["figures"]["serve_floor_c4_errors"]["value"] == 0
+        and result["figures"]["serve_floor_c4_rps"]["value"] > 0
+    )
+    cpu = {
+        name: result["figures"].get(f"{name}_c4_cpu_ms_{role}", {}).get("value", 0)
+        for name, role in (
+            ("serve", "proxy"),
+            ("serve", "ingress"),
+            ("serve", "model"),
+            ("serve_floor", "replica"),
+            ("plain", "server"),
+        )
+    }
     assert all(ms > 0 for ms in cpu.values()), cpu  # where each system's CPU went, per request
     assert len(result["ratios"]) == 7 and result["ratios"]["serve_floor_vs_offline_c4"] > 0

@@ -8,14 +8,19 @@ import sys
 
 import pytest
 
-from medfusion.bench.tune import budget_to_reach, run_tune_bench, trial_epochs
-from medfusion.config import ConfigError, TuneBenchConfig, load_config
+from medfusion.bench.tune import TuneBenchConfig, budget_to_reach, run_tune_bench, trial_epochs
+from medfusion.config import ConfigError
+from medfusion.loader import load_config
 
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(["parts=search,train"], "parts: must be a list of search and/or overhead"), (["epochs=1"], "epochs: must be >= 2"),
-     (["tolerance=1.5"], "tolerance: must be in"), (["trial_seconds=0"], "trial_seconds: must be > 0")],
+    [
+        (["parts=search,train"], "parts: must be a list of search and/or overhead"),
+        (["epochs=1"], "epochs: must be >= 2"),
+        (["tolerance=1.5"], "tolerance: must be in"),
+        (["trial_seconds=0"], "trial_seconds: must be > 0"),
+    ],
 )
 def test_bench_config_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -31,12 +36,30 @@ def test_search_space_must_be_a_grid():
     "trials, target, expected",
     [
         # run order is the trial number, not the leaderboard's rank
-        ([{"trial_id": "x_00001", "epochs_run": 4, "objective": 0.9}, {"trial_id": "x_00000", "epochs_run": 1, "objective": 0.5}],
-         0.89, (0.9, 5)),
-        ([{"trial_id": "x_00000", "epochs_run": 2, "objective": 0.95}, {"trial_id": "x_00001", "epochs_run": 4, "objective": 0.97}],
-         0.9, (0.97, 2)),
-        ([{"trial_id": "x_00000", "epochs_run": 2, "objective": None}, {"trial_id": "x_00001", "epochs_run": 4, "objective": 0.5}],
-         0.9, (0.5, None)),
+        (
+            [
+                {"trial_id": "x_00001", "epochs_run": 4, "objective": 0.9},
+                {"trial_id": "x_00000", "epochs_run": 1, "objective": 0.5},
+            ],
+            0.89,
+            (0.9, 5),
+        ),
+        (
+            [
+                {"trial_id": "x_00000", "epochs_run": 2, "objective": 0.95},
+                {"trial_id": "x_00001", "epochs_run": 4, "objective": 0.97},
+            ],
+            0.9,
+            (0.97, 2),
+        ),
+        (
+            [
+                {"trial_id": "x_00000", "epochs_run": 2, "objective": None},
+                {"trial_id": "x_00001", "epochs_run": 4, "objective": 0.5},
+            ],
+            0.9,
+            (0.5, None),
+        ),
     ],
 )
 def test_budget_counts_trial_epochs_in_run_order(trials, target, expected):
@@ -58,8 +81,19 @@ def test_overhead_part_measures_tune_and_the_pool(ray_local, capsys):
 def test_search_part_runs_grid_asha_and_random(s3_prefix, tmp_path):
     # A process of its own: the sweep's Ray needs the dashboard (ASHA frees stopped trials through
     # the State API), which the test session's shared Ray does not start.
-    argv = [sys.executable, "-m", "medfusion.cli", "bench", "tune", "parts=search", "samples=128", "epochs=2",
-            "steps_per_epoch=2", "search_space={model.fusion: [concat, gated]}", f"data_uri={s3_prefix}/bench-tune"]
+    argv = [
+        sys.executable,
+        "-m",
+        "medfusion.cli",
+        "bench",
+        "tune",
+        "parts=search",
+        "samples=128",
+        "epochs=2",
+        "steps_per_epoch=2",
+        "search_space={model.fusion: [concat, gated]}",
+        f"data_uri={s3_prefix}/bench-tune",
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -67,5 +101,9 @@ def test_search_part_runs_grid_asha_and_random(s3_prefix, tmp_path):
     assert figures["grid_trial_epochs"]["value"] == 2 * 2  # every configuration, every epoch
     assert figures["grid_best_objective"]["value"] is not None
     assert figures["asha_trial_epochs"]["value"] <= figures["grid_trial_epochs"]["value"]
-    assert {"asha_best_vs_grid_best", "asha_epochs_to_target_vs_grid_epochs", "random_epochs_to_target_vs_grid_epochs"} <= set(result["ratios"])
+    assert {
+        "asha_best_vs_grid_best",
+        "asha_epochs_to_target_vs_grid_epochs",
+        "random_epochs_to_target_vs_grid_epochs",
+    } <= set(result["ratios"])
     assert "grid (FIFO)" in out.stdout and "ASHA (same grid)" in out.stdout

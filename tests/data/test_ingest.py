@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_files import dicom_file
 from medfusion.config import PrepareConfig
 from medfusion.data.images import decode_image, sniff_format
 from medfusion.data.ingest import IngestError, Rejection, open_source
@@ -38,28 +37,11 @@ def jpeg(pixels: np.ndarray = PIXELS) -> bytes:
     return buf.getvalue()
 
 
-def dicom(pixels: np.ndarray = PIXELS) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def write_images(root: Path) -> None:
     (root / "img").mkdir(parents=True)
     (root / "img" / "a.png").write_bytes(png())
     (root / "img" / "b.jpg").write_bytes(jpeg())
-    (root / "img" / "c.dcm").write_bytes(dicom())
+    (root / "img" / "c.dcm").write_bytes(dicom_file(PIXELS.astype(np.uint16) * 16))
     (root / "img" / "garbage.png").write_bytes(b"definitely not a picture" * 4)
 
 
@@ -346,9 +328,10 @@ def test_image_paths_absolute_and_unsupported_schemes(tmp_path):
     ],
 )
 def test_image_references_resolve_against_the_manifest_folder(manifest_uri, reference, expected):
-    from medfusion.data.ingest import _parent, _resolve
+    from medfusion import storage
+    from medfusion.data.ingest import _resolve
 
-    assert _resolve(_parent(manifest_uri), reference) == expected
+    assert _resolve(storage.parent(manifest_uri), reference) == expected
 
 
 def test_open_source_refuses_synthetic():
@@ -367,10 +350,26 @@ def test_rejection_to_json_is_plain_data():
 
 IU_REPORTS = [
     # uid, MeSH, Problems, image, indication, comparison, findings, impression
-    ("1", "normal", "normal", "Xray Chest PA and Lateral", "Positive TB test", "None.",
-     "The heart is normal in size.", "Normal chest x-XXXX."),
-    ("2", "Cardiomegaly/mild", "Cardiomegaly;Pulmonary Atelectasis; Cardiomegaly", "Chest 2 views",
-     "XXXX-year-old with dyspnea", "", "Heart size is enlarged.", ""),
+    (
+        "1",
+        "normal",
+        "normal",
+        "Xray Chest PA and Lateral",
+        "Positive TB test",
+        "None.",
+        "The heart is normal in size.",
+        "Normal chest x-XXXX.",
+    ),
+    (
+        "2",
+        "Cardiomegaly/mild",
+        "Cardiomegaly;Pulmonary Atelectasis; Cardiomegaly",
+        "Chest 2 views",
+        "XXXX-year-old with dyspnea",
+        "",
+        "Heart size is enlarged.",
+        "",
+    ),
     ("3", "Opacity/lung", "Opacity", "PA and lateral", "", "", "NaN", "Right basilar opacity."),
     ("5", "normal", "", "PA", "chest pain", "", "", "No acute disease."),
 ]

@@ -27,8 +27,12 @@ def _restart(store, pause_s: float = 1.0) -> None:
 
 def test_restart_during_shard_write(s3_store, s3_prefix):
     uri = s3_prefix + "/write-fault"
-    cfg = PrepareConfig(source="synthetic", output_uri=uri, shard_size_mb=0.02,
-                        synth=SynthConfig(num_samples=1200, image_size=32, seed=5))
+    cfg = PrepareConfig(
+        source="synthetic",
+        output_uri=uri,
+        shard_size_mb=0.02,
+        synth=SynthConfig(num_samples=1200, image_size=32, seed=5),
+    )
     outcome: dict = {}
 
     def write():
@@ -59,8 +63,14 @@ def test_restart_during_shard_write(s3_store, s3_prefix):
 
 def test_restart_during_streaming_read(s3_store, s3_prefix, ray_local):
     uri = s3_prefix + "/read-fault"
-    run_prepare(PrepareConfig(source="synthetic", output_uri=uri, shard_size_mb=0.02,
-                              synth=SynthConfig(num_samples=600, image_size=32, seed=6)))
+    run_prepare(
+        PrepareConfig(
+            source="synthetic",
+            output_uri=uri,
+            shard_size_mb=0.02,
+            synth=SynthConfig(num_samples=600, image_size=32, seed=6),
+        )
+    )
     info = open_dataset(uri)
     verify_dataset(info)
     expected = info.rows("train")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medfusion import storage
-from medfusion.config import DataConfig, PrepareConfig, SplitConfig, SynthConfig
+from medfusion.config import DataConfig, PrepareConfig, SynthConfig
 from medfusion.data.dataset import DatasetError, iter_local_batches, open_dataset, stream_split, verify_dataset
 from medfusion.data.prepare import run_prepare
 from medfusion.data.shards import DatasetExistsError, assign_split
@@ -23,8 +23,13 @@ DATA = DataConfig(image_size=32, batch_size=16, max_report_tokens=32, max_findin
 
 
 def _prepare(uri, n=160, **kw):
-    cfg = PrepareConfig(source="synthetic", output_uri=uri, shard_size_mb=0.05,
-                        synth=SynthConfig(num_samples=n, image_size=32, seed=3), **kw)
+    cfg = PrepareConfig(
+        source="synthetic",
+        output_uri=uri,
+        shard_size_mb=0.05,
+        synth=SynthConfig(num_samples=n, image_size=32, seed=3),
+        **kw,
+    )
     return run_prepare(cfg)
 
 
@@ -109,7 +114,9 @@ def test_rerun_without_overwrite_is_refused_and_overwrite_replaces(s3_prefix):
         _prepare(uri, n=40)
     second = _prepare(uri, n=60, overwrite=True)
     assert sum(second.rows.values()) == 60 and second.version != first.version
-    assert len(storage.list_files(uri)) == 3 + sum(len(v["shards"]) for v in open_dataset(uri).manifest["splits"].values())
+    assert len(storage.list_files(uri)) == 3 + sum(
+        len(v["shards"]) for v in open_dataset(uri).manifest["splits"].values()
+    )
 
 
 def test_leftovers_of_an_interrupted_write_are_refused(s3_prefix):
@@ -141,14 +148,30 @@ def test_split_assignment_is_stable():
 
 def test_cli_synth_and_inspect(s3_prefix):
     uri = s3_prefix + "/cli"
-    cmd = [sys.executable, "-m", "medfusion.cli", "data", "synth", "--preset", "tiny", "--out", uri,
-           "synth.num_samples=50", "shard_size_mb=0.05"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medfusion.cli",
+        "data",
+        "synth",
+        "--preset",
+        "tiny",
+        "--out",
+        uri,
+        "synth.num_samples=50",
+        "shard_size_mb=0.05",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"dataset {uri}" in out.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
-    inspect = subprocess.run([sys.executable, "-m", "medfusion.cli", "data", "inspect", uri, "--json"],
-                             capture_output=True, text=True, env=os.environ, timeout=300)
+    inspect = subprocess.run(
+        [sys.executable, "-m", "medfusion.cli", "data", "inspect", uri, "--json"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
+    )
     summary = json.loads(inspect.stdout)
     assert sum(s["rows"] for s in summary["splits"].values()) == 50 and summary["verified_shards"] >= 3

@@ -47,7 +47,11 @@ def test_image_size_changes_pixels_only():
     small, large = synth.generate(_cfg(image_size=32)), synth.generate(_cfg(image_size=48))
     for a, b in zip(small, large):
         assert (a.sample_id, a.patient_id, a.report, a.findings, a.labels) == (
-            b.sample_id, b.patient_id, b.report, b.findings, b.labels,
+            b.sample_id,
+            b.patient_id,
+            b.report,
+            b.findings,
+            b.labels,
         )
         assert (a.box is None) == (b.box is None)
 
@@ -216,17 +220,25 @@ def test_texts_fit_the_tiny_preset_untruncated():
     [
         ("the lungs are clear. no pleural effusion or pneumothorax.", {("normal", "")}),
         ("no focal consolidation. the heart is not enlarged.", {("normal", "")}),
-        ("there is a 2.1 cm smooth nodule in the left upper zone. no focal consolidation.",
-         {("nodule", "left upper zone")}),
-        ("a rounded opacity measuring 1.4 cm is seen in the middle zone of the right lung.",
-         {("nodule", "right mid zone")}),
+        (
+            "there is a 2.1 cm smooth nodule in the left upper zone. no focal consolidation.",
+            {("nodule", "left upper zone")},
+        ),
+        (
+            "a rounded opacity measuring 1.4 cm is seen in the middle zone of the right lung.",
+            {("nodule", "right mid zone")},
+        ),
         ("small right pleural effusion with a meniscus. heart size is normal.", {("effusion", "right base")}),
         ("blunting of the left costophrenic angle. no consolidation.", {("effusion", "left base")}),
         ("cardiomegaly with a cardiothoracic ratio of 0.61. no effusion.", {("cardiomegaly", "cardiac")}),
-        ("patchy airspace opacification in the right lower lung zone, no pleural effusion.",
-         {("consolidation", "right lower zone")}),
-        ("Dense consolidation in the LEFT MID ZONE.\nEnlarged cardiac silhouette.",
-         {("consolidation", "left mid zone"), ("cardiomegaly", "cardiac")}),
+        (
+            "patchy airspace opacification in the right lower lung zone, no pleural effusion.",
+            {("consolidation", "right lower zone")},
+        ),
+        (
+            "Dense consolidation in the LEFT MID ZONE.\nEnlarged cardiac silhouette.",
+            {("consolidation", "left mid zone"), ("cardiomegaly", "cardiac")},
+        ),
         ("consolidation. no nodule.", {("consolidation", "")}),
         ("without pneumothorax, but there is a right pneumothorax.", {("pneumothorax", "right")}),
         ("negative for effusion; the heart is enlarged.", {("cardiomegaly", "cardiac")}),

@@ -39,12 +39,37 @@ K8S_DEFS_ID = "https://kubernetes.io/api/_definitions.json"
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 # Fields of a Kustomization (kustomize.config.k8s.io/v1beta1); any other top-level key is an error.
 KUSTOMIZATION_FIELDS = {
-    "apiVersion", "kind", "metadata", "resources", "components", "crds", "namespace", "namePrefix",
-    "nameSuffix", "labels", "commonLabels", "commonAnnotations", "images", "replicas", "patches",
-    "patchesStrategicMerge", "patchesJson6902", "configMapGenerator", "secretGenerator",
-    "generatorOptions", "generators", "transformers", "validators", "replacements", "vars",
-    "buildMetadata", "openapi", "sortOptions", "helmCharts", "helmGlobals",
-}  # fmt: skip
+    "apiVersion",
+    "kind",
+    "metadata",
+    "resources",
+    "components",
+    "crds",
+    "namespace",
+    "namePrefix",
+    "nameSuffix",
+    "labels",
+    "commonLabels",
+    "commonAnnotations",
+    "images",
+    "replicas",
+    "patches",
+    "patchesStrategicMerge",
+    "patchesJson6902",
+    "configMapGenerator",
+    "secretGenerator",
+    "generatorOptions",
+    "generators",
+    "transformers",
+    "validators",
+    "replacements",
+    "vars",
+    "buildMetadata",
+    "openapi",
+    "sortOptions",
+    "helmCharts",
+    "helmGlobals",
+}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 
@@ -85,7 +110,9 @@ def k8s_schema_dir() -> Path:
     spec = importlib.util.find_spec("kubernetes_validate")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("kubernetes-validate is not installed (it is in the dev extra: pip install -e '.[dev]')")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+    folder = (
+        Path(next(iter(spec.submodule_search_locations))) / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+    )
     if not folder.is_dir():
         raise RuntimeError(f"kubernetes-validate has no strict schemas for Kubernetes {K8S_VERSION} ({folder})")
     return folder
@@ -137,7 +164,11 @@ def _convert(node: Any) -> Any:
             out[key] = value
     if node.get("nullable") and "type" in node:
         out["type"] = [node["type"], "null"]
-    if "properties" in node and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False  # strict field validation: unknown fields are errors
     return out
 
@@ -169,7 +200,11 @@ def core_errors(obj: dict) -> list[str]:
     """Every strict-validation error of a core Kubernetes object (empty when valid)."""
     api = obj["apiVersion"]
     group_version = api.split("/")
-    name = f"{obj['kind'].lower()}-{group_version[0].split('.')[0]}-{group_version[1]}" if len(group_version) == 2 else f"{obj['kind'].lower()}-{api}"
+    name = (
+        f"{obj['kind'].lower()}-{group_version[0].split('.')[0]}-{group_version[1]}"
+        if len(group_version) == 2
+        else f"{obj['kind'].lower()}-{api}"
+    )
     path = k8s_schema_dir() / f"{name}.json"
     if not path.is_file():
         return [f"<root>: no Kubernetes {K8S_VERSION} schema for {obj['kind']} {api}"]
@@ -202,10 +237,16 @@ def kustomization_errors(folder: Path) -> list[str]:
             problems.append(f"resources: {entry} is neither a file nor a kustomization folder")
         elif target.is_file() and not target.resolve().is_relative_to(root):
             # kustomize's default load restrictor: files only in or below the kustomization's folder
-            problems.append(f"resources: {entry} is a file outside {folder.name}/ (kustomize refuses it; list a kustomization folder)")
+            problems.append(
+                f"resources: {entry} is a file outside {folder.name}/ "
+                "(kustomize refuses it; list a kustomization folder)"
+            )
         elif target.is_dir() and root.is_relative_to(target.resolve()):
             # "cycle detected: candidate root ... contains visited root ...": a base cannot hold its overlays
-            problems.append(f"resources: {entry} contains {folder.name}/ itself (kustomize: cycle detected); move the base to its own folder")
+            problems.append(
+                f"resources: {entry} contains {folder.name}/ itself (kustomize: cycle detected); "
+                "move the base to its own folder"
+            )
     for i, patch in enumerate(k.get("patches", [])):
         if set(patch) - {"target", "patch", "path", "options"}:
             problems.append(f"patches[{i}]: unknown keys {sorted(set(patch) - {'target', 'patch', 'path', 'options'})}")

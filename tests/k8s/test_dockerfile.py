@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -27,7 +28,9 @@ def test_torch_is_the_makefile_version_from_the_cpu_index_first():
     (makefile_torch,) = re.findall(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
     assert _arg("TORCH_VERSION") == makefile_torch
     assert _arg("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
-    order = [DOCKERFILE.index(s) for s in ('"torch==${TORCH_VERSION}"', "--no-build-isolation deepspeed", "pip install .")]
+    order = [
+        DOCKERFILE.index(s) for s in ('"torch==${TORCH_VERSION}"', "--no-build-isolation deepspeed", "pip install .")
+    ]
     assert order == sorted(order), "torch, then DeepSpeed (no build isolation), then the package"
 
 

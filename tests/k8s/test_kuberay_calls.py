@@ -7,7 +7,9 @@ import io
 
 import pytest
 
-from medfusion import orchestration as o
+from medfusion.orchestration import kuberay
+from medfusion.orchestration.deploy import serve_config_document
+from medfusion.orchestration.jobs import JobError
 
 
 class FakeCustomObjects:
@@ -37,35 +39,45 @@ class FakeCore:
 
 
 def _use(monkeypatch, api):
-    monkeypatch.setattr(o, "_kube", lambda opts: (api, FakeCore(), "team-a"))
+    monkeypatch.setattr(kuberay, "_kube", lambda opts: (api, FakeCore(), "team-a"))
 
 
-OPTS = o.KubeRayOptions(poll_s=0.01, timeout_s=5)
+OPTS = kuberay.KubeRayOptions(poll_s=0.01, timeout_s=5)
 
 
 def test_a_succeeded_rayjob_is_deleted_and_returns_its_status(monkeypatch):
-    api = FakeCustomObjects([{}, {"jobStatus": "RUNNING"}, {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}])
+    api = FakeCustomObjects(
+        [{}, {"jobStatus": "RUNNING"}, {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}]
+    )
     _use(monkeypatch, api)
-    status = o.run_rayjob(o.rayjob_manifest("medfusion-train-1", "python -c pass", OPTS), OPTS, out=io.StringIO())
+    status = kuberay.run_rayjob(
+        kuberay.rayjob_manifest("medfusion-train-1", "python -c pass", OPTS), OPTS, out=io.StringIO()
+    )
     assert status["jobStatus"] == "SUCCEEDED"
     assert api.calls == [("create", "rayjobs", "medfusion-train-1"), ("delete", "rayjobs", "medfusion-train-1")]
 
 
-@pytest.mark.parametrize("final", [{"jobStatus": "FAILED", "message": "exit 3"}, {"jobDeploymentStatus": "ValidationFailed"}])
+@pytest.mark.parametrize(
+    "final", [{"jobStatus": "FAILED", "message": "exit 3"}, {"jobDeploymentStatus": "ValidationFailed"}]
+)
 def test_a_failed_rayjob_raises_and_is_still_deleted(monkeypatch, final):
     api = FakeCustomObjects([{"jobStatus": "RUNNING"}, final])
     _use(monkeypatch, api)
-    with pytest.raises(o.JobError, match=r"RayJob team-a/medfusion-train-2 (FAILED: exit 3|ValidationFailed)"):
-        o.run_rayjob(o.rayjob_manifest("medfusion-train-2", "python -c pass", OPTS), OPTS, out=io.StringIO())
+    with pytest.raises(JobError, match=r"RayJob team-a/medfusion-train-2 (FAILED: exit 3|ValidationFailed)"):
+        kuberay.run_rayjob(
+            kuberay.rayjob_manifest("medfusion-train-2", "python -c pass", OPTS), OPTS, out=io.StringIO()
+        )
     assert api.calls[-1] == ("delete", "rayjobs", "medfusion-train-2")
 
 
 def test_a_rayjob_past_its_timeout_fails_and_is_deleted(monkeypatch):
     api = FakeCustomObjects([{"jobStatus": "PENDING"}])
     _use(monkeypatch, api)
-    opts = o.KubeRayOptions(poll_s=0.01, timeout_s=0.05)
-    with pytest.raises(o.JobError, match="not finished after"):
-        o.run_rayjob(o.rayjob_manifest("medfusion-train-3", "python -c pass", opts), opts, out=io.StringIO())
+    opts = kuberay.KubeRayOptions(poll_s=0.01, timeout_s=0.05)
+    with pytest.raises(JobError, match="not finished after"):
+        kuberay.run_rayjob(
+            kuberay.rayjob_manifest("medfusion-train-3", "python -c pass", opts), opts, out=io.StringIO()
+        )
     assert api.calls[-1] == ("delete", "rayjobs", "medfusion-train-3")
 
 
@@ -73,7 +85,7 @@ def test_a_rayjob_past_its_timeout_fails_and_is_deleted(monkeypatch):
 def test_rayservice_is_created_or_updated_in_place(monkeypatch, existing, verb):
     api = FakeCustomObjects([{"serviceStatus": "Running"}], existing=existing)
     _use(monkeypatch, api)
-    manifest = o.rayservice_manifest("medfusion", o.serve_config_document({"model": "s3://b/m"}), OPTS)
-    url = o.apply_rayservice(manifest, OPTS, out=io.StringIO())
+    manifest = kuberay.rayservice_manifest("medfusion", serve_config_document({"model": "s3://b/m"}), OPTS)
+    url = kuberay.apply_rayservice(manifest, OPTS, out=io.StringIO())
     assert url == "http://medfusion-serve-svc.team-a.svc.cluster.local:8000"
     assert api.calls == [(verb, "rayservices", "medfusion")]

@@ -10,13 +10,12 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
-import pytest
-import yaml
-
 import kuberay_schemas as ks
+import pytest
+import tomllib
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -46,7 +45,11 @@ def _base_objects() -> list[tuple[str, dict]]:
 
 
 def _overlay_objects() -> list[tuple[str, dict]]:
-    return [(f"overlays/{o.name}:{d['kind']}/{d['metadata']['name']}", d) for o in OVERLAYS for d in ks.build_kustomization(o)]
+    return [
+        (f"overlays/{o.name}:{d['kind']}/{d['metadata']['name']}", d)
+        for o in OVERLAYS
+        for d in ks.build_kustomization(o)
+    ]
 
 
 def _all_objects() -> list[tuple[str, dict]]:
@@ -79,12 +82,18 @@ def test_there_are_manifests_and_overlays():
     assert {o.name for o in OVERLAYS} == {"dev", "prod"}
 
 
-@pytest.mark.parametrize("path", MANIFESTS + [BASE / "kustomization.yaml"] + [o / "kustomization.yaml" for o in OVERLAYS], ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize(
+    "path",
+    MANIFESTS + [BASE / "kustomization.yaml"] + [o / "kustomization.yaml" for o in OVERLAYS],
+    ids=lambda p: str(p.relative_to(K8S)),
+)
 def test_every_file_parses_without_duplicate_keys(path):
     docs = _docs(path)
     assert docs, f"{path}: no YAML document"
     for doc in docs:
-        assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), f"{path}: apiVersion and kind are required"
+        assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), (
+            f"{path}: apiVersion and kind are required"
+        )
         if doc["kind"] != "Kustomization":
             assert doc.get("metadata", {}).get("name"), f"{path}: metadata.name is required"
             assert "status" not in doc, f"{path}: a manifest never sets status"
@@ -112,7 +121,7 @@ def test_ray_version_is_pinned_once():
     assert pinned_ray() == "2.60.0"
     versions = {(name, c["rayVersion"]) for name, obj in _all_objects() for c in _cluster_specs(obj)}
     assert versions and all(v == pinned_ray() for _, v in versions), versions
-    from medfusion.orchestration import KubeRayOptions
+    from medfusion.orchestration.kuberay import KubeRayOptions
 
     assert KubeRayOptions().ray_version == pinned_ray()
 
@@ -122,10 +131,14 @@ def test_images_are_the_project_images_at_the_project_version():
     for name, obj in _base_objects():
         for template in _pod_templates(obj):
             for container in template["spec"]["containers"]:
-                assert container["image"] in (f"medfusion:{version}", f"medfusion-gpu:{version}"), (name, container["image"])
-    from medfusion import orchestration
+                assert container["image"] in (f"medfusion:{version}", f"medfusion-gpu:{version}"), (
+                    name,
+                    container["image"],
+                )
+    from medfusion import __version__
+    from medfusion.orchestration.kuberay import DEFAULT_IMAGE
 
-    assert orchestration.DEFAULT_IMAGE == f"medfusion:{version}" and orchestration.PROJECT_VERSION == version
+    assert DEFAULT_IMAGE == f"medfusion:{version}" and __version__ == version
 
 
 def test_gpu_groups_use_the_gpu_image_and_request_gpus():
@@ -134,7 +147,10 @@ def test_gpu_groups_use_the_gpu_image_and_request_gpus():
             for group in cluster.get("workerGroupSpecs", []):
                 (container,) = group["template"]["spec"]["containers"]
                 gpus = container["resources"]["limits"].get("nvidia.com/gpu")
-                assert (group["groupName"] == "gpu") == bool(gpus) == container["image"].startswith("medfusion-gpu:"), (name, group["groupName"])
+                assert (group["groupName"] == "gpu") == bool(gpus) == container["image"].startswith("medfusion-gpu:"), (
+                    name,
+                    group["groupName"],
+                )
 
 
 # ------------------------------------------------------------------------------ strict validation
@@ -150,15 +166,31 @@ def test_strict_schema_validation(name, obj):
     [
         (lambda o: o["spec"]["headGroupSpec"].update(bogus=1), "'bogus' was unexpected"),
         (lambda o: o["spec"]["workerGroupSpecs"][0].update(numOfWorkers=2), "'numOfWorkers' was unexpected"),
-        (lambda o: o["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(imagePullPolicyy="x"), "'imagePullPolicyy' was unexpected"),
-        (lambda o: o["spec"]["headGroupSpec"]["template"]["spec"].update(securityContex={}), "'securityContex' was unexpected"),
+        (
+            lambda o: o["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(imagePullPolicyy="x"),
+            "'imagePullPolicyy' was unexpected",
+        ),
+        (
+            lambda o: o["spec"]["headGroupSpec"]["template"]["spec"].update(securityContex={}),
+            "'securityContex' was unexpected",
+        ),
         (lambda o: o["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "0 is not of type 'string'"),
         (lambda o: o["spec"]["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
         (lambda o: o["spec"]["autoscalerOptions"].update(upscalingMode="Fast"), "'Fast' is not one of"),
         (lambda o: o["metadata"].update(labelz={}), "'labelz' was unexpected"),
         (lambda o: o.update(apiVersion="ray.io/v1alpha1"), "'ray.io/v1' was expected"),
     ],
-    ids=["ray-field", "worker-field", "container-field", "pod-field", "ray-start-param-type", "required", "enum", "metadata", "api-version"],
+    ids=[
+        "ray-field",
+        "worker-field",
+        "container-field",
+        "pod-field",
+        "ray-start-param-type",
+        "required",
+        "enum",
+        "metadata",
+        "api-version",
+    ],
 )
 def test_strict_validation_catches_what_kubectl_would(mutate, expected):
     (obj,) = _docs(BASE / "raycluster.medfusion.yaml")
@@ -183,12 +215,32 @@ def test_strict_validation_of_rayjob_and_rayservice_specific_fields():
 @pytest.mark.parametrize(
     "doc,expected",
     [
-        ({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "a"}, "automountToken": False}, "'automountToken' was unexpected"),
-        ({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "a"},
-          "subjects": [{"kind": "ServiceAccount", "name": "a"}]}, "'roleRef' is a required property"),
-        ({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "a"},
-          "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"]}]}, "'verbs' is a required property"),
-        ({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"}, "stringdata": {}}, "'stringdata' was unexpected"),
+        (
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "a"}, "automountToken": False},
+            "'automountToken' was unexpected",
+        ),
+        (
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "a"},
+                "subjects": [{"kind": "ServiceAccount", "name": "a"}],
+            },
+            "'roleRef' is a required property",
+        ),
+        (
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "a"},
+                "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"]}],
+            },
+            "'verbs' is a required property",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"}, "stringdata": {}},
+            "'stringdata' was unexpected",
+        ),
     ],
     ids=["serviceaccount", "rolebinding", "role", "secret"],
 )
@@ -222,7 +274,9 @@ def test_overlays_build_with_kubectl_as_the_small_kustomize_does(overlay):
     # `kubectl kustomize` is kustomize itself; on a machine without kubectl the structural checks
     # above (its load rules included) are what stands.
     kubectl = shutil.which("kubectl")
-    expected = sorted((o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in ks.build_kustomization(overlay))
+    expected = sorted(
+        (o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in ks.build_kustomization(overlay)
+    )
     if kubectl is None:
         assert ks.kustomization_errors(overlay) == [] and expected
         return
@@ -242,7 +296,9 @@ def test_base_lists_every_standing_manifest():
     listed = set(base["resources"])
     for path in MANIFESTS:
         standing = not path.name.endswith(".template.yaml") and not path.name.startswith("rayjob.")
-        assert (path.name in listed) == standing, f"{path.name}: {'missing from' if standing else 'must not be in'} kustomization.yaml"
+        assert (path.name in listed) == standing, (
+            f"{path.name}: {'missing from' if standing else 'must not be in'} kustomization.yaml"
+        )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -251,18 +307,29 @@ def test_overlays_set_namespace_and_bind_the_pipeline_account_there(overlay):
     objects = ks.build_kustomization(overlay)
     assert {o["metadata"]["namespace"] for o in objects} == {k["namespace"]}
     (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "medfusion-pipeline", "namespace": k["namespace"]}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "medfusion-pipeline", "namespace": k["namespace"]}
+    ]
 
 
 def test_prod_overlay_points_both_images_at_the_registry():
-    images = {c["image"] for o in ks.build_kustomization(K8S / "overlays" / "prod") for t in _pod_templates(o) for c in t["spec"]["containers"]}
+    images = {
+        c["image"]
+        for o in ks.build_kustomization(K8S / "overlays" / "prod")
+        for t in _pod_templates(o)
+        for c in t["spec"]["containers"]
+    }
     assert images == {"registry.example.com/ml/medfusion:0.1.0", "registry.example.com/ml/medfusion-gpu:0.1.0"}
 
 
 # ---------------------------------------------------------------------------------------- hardening
 
 
-@pytest.mark.parametrize("name,obj", [(n, o) for n, o in _all_objects() if o["kind"] in RAY_KINDS], ids=[n for n, o in _all_objects() if o["kind"] in RAY_KINDS])
+@pytest.mark.parametrize(
+    "name,obj",
+    [(n, o) for n, o in _all_objects() if o["kind"] in RAY_KINDS],
+    ids=[n for n, o in _all_objects() if o["kind"] in RAY_KINDS],
+)
 def test_pods_are_hardened(name, obj):
     for template in _pod_templates(obj):
         pod = template["spec"]
@@ -274,7 +341,9 @@ def test_pods_are_hardened(name, obj):
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(container["resources"][bound]), (name, container["name"], bound)
     for cluster in _cluster_specs(obj):
-        assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP", f"{name}: the dashboard/Jobs API must stay inside the cluster"
+        assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP", (
+            f"{name}: the dashboard/Jobs API must stay inside the cluster"
+        )
         assert not cluster["headGroupSpec"].get("enableIngress"), name
         if "autoscalerOptions" in cluster:
             assert {"requests", "limits"} <= set(cluster["autoscalerOptions"]["resources"]), name
@@ -283,8 +352,12 @@ def test_pods_are_hardened(name, obj):
 def test_no_service_is_exposed_outside_the_cluster():
     for name, obj in _all_objects():
         services = [obj] if obj["kind"] == "Service" else []
-        services += [c["headGroupSpec"]["headService"] for c in _cluster_specs(obj) if "headService" in c["headGroupSpec"]]
-        services += [obj["spec"]["serveService"]] if obj["kind"] == "RayService" and "serveService" in obj["spec"] else []
+        services += [
+            c["headGroupSpec"]["headService"] for c in _cluster_specs(obj) if "headService" in c["headGroupSpec"]
+        ]
+        services += (
+            [obj["spec"]["serveService"]] if obj["kind"] == "RayService" and "serveService" in obj["spec"] else []
+        )
         for service in services:
             assert service.get("spec", {}).get("type", "ClusterIP") == "ClusterIP", name
 
@@ -295,11 +368,19 @@ def test_credentials_come_from_secrets_only():
             for container in template["spec"]["containers"]:
                 if container["name"] == "ray-job-submitter":
                     continue
-                assert {"secretRef": {"name": "medfusion-s3"}} in container.get("envFrom", []), (name, container["name"])
+                assert {"secretRef": {"name": "medfusion-s3"}} in container.get("envFrom", []), (
+                    name,
+                    container["name"],
+                )
                 for var in container.get("env", []):
-                    assert not re.search(r"SECRET|TOKEN|PASSWORD|KEY", var["name"]) or "valueFrom" in var, (name, var["name"])
+                    assert not re.search(r"SECRET|TOKEN|PASSWORD|KEY", var["name"]) or "valueFrom" in var, (
+                        name,
+                        var["name"],
+                    )
         if obj["kind"] == "Secret":
-            assert name.endswith(".template.yaml") and all("REPLACE_ME" in v or v.startswith(("https://", "us-")) for v in obj["stringData"].values()), name
+            assert name.endswith(".template.yaml") and all(
+                "REPLACE_ME" in v or v.startswith(("https://", "us-")) for v in obj["stringData"].values()
+            ), name
 
 
 def test_rayservice_token_comes_from_a_secret_on_every_node():
@@ -312,7 +393,7 @@ def test_rayservice_token_comes_from_a_secret_on_every_node():
 
 
 def test_role_grants_what_orchestration_calls():
-    from medfusion.orchestration import REQUIRED_RBAC
+    from medfusion.orchestration.kuberay import REQUIRED_RBAC
 
     (role,) = _docs(BASE / "role.pipeline.yaml")
     granted: dict[tuple[str, str], set[str]] = {}
@@ -321,7 +402,9 @@ def test_role_grants_what_orchestration_calls():
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
     for key, verbs in REQUIRED_RBAC.items():
-        assert verbs <= granted.get(key, set()), f"role.pipeline.yaml lacks {sorted(verbs - granted.get(key, set()))} on {key}"
+        assert verbs <= granted.get(key, set()), (
+            f"role.pipeline.yaml lacks {sorted(verbs - granted.get(key, set()))} on {key}"
+        )
     assert not any(resource == "secrets" for _, resource in granted), "the pipeline needs no access to Secrets"
 
 
@@ -329,20 +412,27 @@ def test_role_grants_what_orchestration_calls():
 
 
 def _serve_documents() -> list[tuple[str, dict]]:
-    return [(name, yaml.safe_load(obj["spec"]["serveConfigV2"])) for name, obj in _all_objects() if obj["kind"] == "RayService"]
+    return [
+        (name, yaml.safe_load(obj["spec"]["serveConfigV2"]))
+        for name, obj in _all_objects()
+        if obj["kind"] == "RayService"
+    ]
 
 
 @pytest.mark.parametrize("name,document", _serve_documents(), ids=[n for n, _ in _serve_documents()])
 def test_serve_config_v2_is_a_valid_serve_config(name, document):
     from ray.serve.schema import ServeDeploySchema
 
-    from medfusion.config import ServeConfig, load_config
+    from medfusion.config import ServeConfig
+    from medfusion.loader import load_config
 
-    ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(document)
+    ServeDeploySchema.model_validate(document) if hasattr(
+        ServeDeploySchema, "model_validate"
+    ) else ServeDeploySchema.parse_obj(document)
     for app in document["applications"]:
         assert app["import_path"] == "medfusion.serve.app:build_app", name
         load_config(ServeConfig, base=app["args"])  # every arg is a ServeConfig field with a valid value
-        assert {d["name"] for d in app.get("deployments", [])} <= {"MedFusionIngress", "MedFusionModel"}, name
+        assert {d["name"] for d in app.get("deployments", [])} <= {"MedFusionIngress", "MedFusionDeployment"}, name
 
 
 def _diff(a, b, path=()):
@@ -362,8 +452,9 @@ def test_rayservice_embeds_the_serve_config_of_serve():
     own = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
     differences = set(_diff(embedded, own))
     assert differences == SERVE_CONFIG_K8S_ONLY, (
-        f"k8s/base/rayservice.medfusion.yaml's serveConfigV2 and serve/serve_config.yaml differ at {sorted(differences - SERVE_CONFIG_K8S_ONLY)}"
-        f" (expected only {sorted(SERVE_CONFIG_K8S_ONLY)}): copy serve/serve_config.yaml into serveConfigV2, keeping num_gpus"
+        "k8s/base/rayservice.medfusion.yaml's serveConfigV2 and serve/serve_config.yaml differ at "
+        f"{sorted(differences - SERVE_CONFIG_K8S_ONLY)} (expected only {sorted(SERVE_CONFIG_K8S_ONLY)}): "
+        "copy serve/serve_config.yaml into serveConfigV2, keeping num_gpus"
     )
 
 
@@ -375,13 +466,13 @@ def test_serve_import_path_resolves_to_a_callable():
 
 
 def test_rayjob_entrypoint_is_a_real_train_command():
-    from medfusion.config import TrainConfig, load_config
+    from medfusion.config import TrainConfig
+    from medfusion.loader import load_config
 
     (job,) = _docs(BASE / "rayjob.train.yaml")
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "medfusion.train"]
-    assert importlib.util.find_spec("medfusion.train") is not None
-    cfg = load_config(TrainConfig, overrides=argv[3:])
+    assert argv[:2] == ["medfusion", "train"]
+    cfg = load_config(TrainConfig, overrides=argv[2:])
     assert cfg.use_gpu and cfg.ray_address == ""
     gpus = sum(g["replicas"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpus == cfg.num_workers, "one GPU worker pod per Ray Train worker"

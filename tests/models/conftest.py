@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from medfusion.config import SynthConfig
 from medfusion.data import synth
 from medfusion.data.batches import collate

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from medfusion.data.tokenizer import EOS_ID
 from medfusion.models import create_model, cxcywh_to_xyxy, paired_iou
 

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+
 from medfusion.config import FUSIONS, ConfigError, ModelConfig
 from medfusion.data.tokenizer import EOS_ID, PAD_ID
 from medfusion.models import (
@@ -64,8 +65,17 @@ def test_forward_shapes(synth_data, name, fusion):
     assert ((out["box"] >= 0) & (out["box"] <= 1)).all()
     total, parts = model.loss(batch, out)
     assert torch.isfinite(total) and set(parts) == {
-        "cls", "box_l1", "box_giou", "objectness", "box_dense", "box_focus", "box_refine", "box", "text", "total"
-    }  # fmt: skip
+        "cls",
+        "box_l1",
+        "box_giou",
+        "objectness",
+        "box_dense",
+        "box_focus",
+        "box_refine",
+        "box",
+        "text",
+        "total",
+    }
     generated = model.generate(batch, beam_size=2, max_len=6)
     assert generated.shape == (3, 6) and generated.dtype == torch.long
 

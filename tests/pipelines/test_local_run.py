@@ -14,14 +14,21 @@ import pytest
 import yaml
 
 from medfusion import registry, storage
-from medfusion.orchestration import PipelineConfig, run_pipeline_local
+from medfusion.orchestration.pipeline import PipelineConfig
+from medfusion.pipelines.run import run_pipeline_local
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 # Small enough for 2 loaded cores: 160 images, one epoch of 3 steps on one worker, 32 test images.
 PREPARE = {"synth": {"num_samples": 160}}
-TRAIN = {"epochs": 1, "num_workers": 1, "strategy": "ddp", "max_steps_per_epoch": 3, "evaluate": False,
-         "data": {"batch_size": 16}}
+TRAIN = {
+    "epochs": 1,
+    "num_workers": 1,
+    "strategy": "ddp",
+    "max_steps_per_epoch": 3,
+    "evaluate": False,
+    "data": {"batch_size": 16},
+}
 EVALUATE = {"limit": 32}
 
 
@@ -38,15 +45,20 @@ def kfp_local(tmp_path_factory, s3_store):
 def _run(cfg: PipelineConfig, root: Path):
     # What `medfusion pipeline run --local` calls.
     result = run_pipeline_local(cfg, str(root))
-    return result["outputs"], Path(result["run_dir"])
+    return result.outputs, Path(result.run_dir)
 
 
 @pytest.fixture(scope="module")
 def passing_run(kfp_local, s3_store):
     prefix = f"s3://{s3_store.state().bucket}/kfp-{uuid.uuid4().hex[:8]}"
     cfg = PipelineConfig(
-        dataset_uri=f"{prefix}/dataset", storage_uri=f"{prefix}/runs", registry_uri=f"{prefix}/registry",
-        prepare_config=PREPARE, train_config=TRAIN, evaluate_config=EVALUATE, gates={"accuracy": 0.0},
+        dataset_uri=f"{prefix}/dataset",
+        storage_uri=f"{prefix}/runs",
+        registry_uri=f"{prefix}/registry",
+        prepare_config=PREPARE,
+        train_config=TRAIN,
+        evaluate_config=EVALUATE,
+        gates={"accuracy": 0.0},
     )
     outputs, run_dir = _run(cfg, kfp_local)
     return cfg, outputs, run_dir
@@ -89,11 +101,19 @@ def test_gate_blocks_deploy_when_the_threshold_is_above_the_reached_metric(passi
     # This run takes the pipeline's other branch, a Ray Tune sweep of two fusions (FIFO, no
     # ablation), and a threshold above any reachable accuracy, so the gate must block.
     blocked = dataclasses.replace(
-        cfg, gates={"accuracy": 1.01}, registry_uri=f"{cfg.registry_uri}-blocked", use_tune=True,
+        cfg,
+        gates={"accuracy": 1.01},
+        registry_uri=f"{cfg.registry_uri}-blocked",
+        use_tune=True,
         search_space={"model.fusion": ["concat", "image_only"]},
-        tune_config={"train": {k: v for k, v in TRAIN.items() if k != "data"}, "data": TRAIN["data"], "search": "grid",
-                     "scheduler": "fifo", "seeds": 0},
-    )  # fmt: skip
+        tune_config={
+            "train": {k: v for k, v in TRAIN.items() if k != "data"},
+            "data": TRAIN["data"],
+            "search": "grid",
+            "scheduler": "fifo",
+            "seeds": 0,
+        },
+    )
     blocked_outputs, run_dir = _run(blocked, kfp_local)
     assert (run_dir / "tune").exists() and not (run_dir / "train").exists()
     leaderboard = (run_dir / "tune" / "leaderboard").read_text()

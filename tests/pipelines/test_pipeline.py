@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from medfusion.orchestration import PipelineConfig
+from medfusion.orchestration.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ROOT / "pipelines" / "medfusion_pipeline.yaml"
@@ -30,7 +30,9 @@ def test_checked_in_yaml_is_current(tmp_path):
 
 def test_compiles_from_the_command_line(tmp_path):
     out = tmp_path / "p.yaml"
-    subprocess.run([sys.executable, "-m", "medfusion.pipelines.medfusion_pipeline", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "medfusion.pipelines.medfusion_pipeline", str(out)], check=True, capture_output=True
+    )
     assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "medfusion"
 
 
@@ -40,7 +42,9 @@ def test_parameters_are_pipeline_config_fields_with_the_same_defaults():
     defaults = dataclasses.asdict(PipelineConfig())
     assert set(parameters) == set(defaults)
     for name, parameter in parameters.items():
-        assert parameter.get("defaultValue", "") == defaults[name] or (parameter.get("defaultValue") is None and defaults[name] in ("", {}, False)), name
+        assert parameter.get("defaultValue", "") == defaults[name] or (
+            parameter.get("defaultValue") is None and defaults[name] in ("", {}, False)
+        ), name
 
 
 def _tasks(spec: dict) -> dict[str, dict]:
@@ -52,15 +56,37 @@ def _tasks(spec: dict) -> dict[str, dict]:
 
 def test_steps_caching_and_retries_are_deliberate():
     tasks = _tasks(yaml.safe_load(COMPILED.read_text()))
-    cached = {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items() if "componentRef" in t and not name.startswith("condition")}
-    assert cached == {"prepare-data": True, "tune": True, "train": True, "evaluate": True, "quality-gate": False, "deploy": False, "smoke-test": False}
+    cached = {
+        name: t.get("cachingOptions", {}).get("enableCache", False)
+        for name, t in tasks.items()
+        if "componentRef" in t and not name.startswith("condition")
+    }
+    assert cached == {
+        "prepare-data": True,
+        "tune": True,
+        "train": True,
+        "evaluate": True,
+        "quality-gate": False,
+        "deploy": False,
+        "smoke-test": False,
+    }
     retries = {name: t.get("retryPolicy", {}).get("maxRetryCount", 0) for name, t in tasks.items() if name in cached}
-    assert retries == {"prepare-data": 2, "tune": 2, "train": 2, "evaluate": 2, "quality-gate": 0, "deploy": 1, "smoke-test": 2}
+    assert retries == {
+        "prepare-data": 2,
+        "tune": 2,
+        "train": 2,
+        "evaluate": 2,
+        "quality-gate": 0,
+        "deploy": 1,
+        "smoke-test": 2,
+    }
 
 
 def test_tune_or_train_and_the_gate_are_conditions():
     spec = yaml.safe_load(COMPILED.read_text())
-    conditions = [t["triggerPolicy"]["condition"] for t in _tasks(spec).values() if t.get("triggerPolicy", {}).get("condition")]
+    conditions = [
+        t["triggerPolicy"]["condition"] for t in _tasks(spec).values() if t.get("triggerPolicy", {}).get("condition")
+    ]
     assert any("use_tune" in c and "== true" in c for c in conditions), conditions
     assert any("use_tune" in c and "!(" in c for c in conditions), conditions  # the Else branch
     assert any("quality-gate-Output" in c for c in conditions), conditions

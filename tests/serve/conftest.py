@@ -42,8 +42,9 @@ class Deployer:
         self.names: list[str] = []
 
     def __call__(self, name: str, **args: Any) -> str:
-        from medfusion.serve.app import build_app
         from ray import serve
+
+        from medfusion.serve.app import build_app
 
         serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
         self.names.append(name)

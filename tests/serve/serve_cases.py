@@ -16,23 +16,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pydicom
 import pytest
 import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
 from medfusion.config import DataConfig, ServeLimitsConfig, SynthConfig
 from medfusion.data import synth
 from medfusion.data.tokenizer import Tokenizer
 from medfusion.export import export_model
 from medfusion.models import create_model
 from medfusion.store import free_port  # noqa: F401  (tests/serve import it from here)
-from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 DATA = DataConfig(image_size=64, max_report_tokens=24, max_findings_tokens=40)
 TOKEN = "s3cr3t-t0ken"
 # Small limits so that the hostile requests stay small; the defaults are checked in test_api.py.
-LIMITS = ServeLimitsConfig(max_body_bytes=256 * 1024, max_pixels=2_000_000, max_report_chars=2_000, request_timeout_s=20.0)
+LIMITS = ServeLimitsConfig(
+    max_body_bytes=256 * 1024, max_pixels=2_000_000, max_report_chars=2_000, request_timeout_s=20.0
+)
 
 
 # ----------------------------------------------------------------------------- images
@@ -126,6 +128,10 @@ def hostile_cases() -> list[tuple[str, Req, int, str]]:
     """(id, request, status, error code): at least 20 requests an attacker or a buggy client sends."""
     good = png()
     over = LIMITS.max_body_bytes + 1024
+
+    def with_auth(authorization: str) -> Req:
+        return Req({**multipart(good).kwargs, "headers": {"authorization": authorization}}, auth=False)
+
     return [
         ("garbage-bytes", multipart(b"\x00\x01garbage" * 50), 415, "unsupported_image_type"),
         ("gif-image", multipart(b"GIF89a" + b"\0" * 64), 415, "unsupported_image_type"),
@@ -142,11 +148,20 @@ def hostile_cases() -> list[tuple[str, Req, int, str]]:
         ("multipart-missing-image", multipart(None, report="cough"), 422, "invalid_request"),
         ("multipart-unknown-field", multipart(good, img="x"), 422, "invalid_request"),
         ("multipart-no-boundary", raw(b"--x\r\n", "multipart/form-data"), 400, "invalid_multipart"),
-        ("multipart-malformed", raw(b"--b\r\ngarbage\r\n\r\n", "multipart/form-data; boundary=b"), 400, "invalid_multipart"),
+        (
+            "multipart-malformed",
+            raw(b"--b\r\ngarbage\r\n\r\n", "multipart/form-data; boundary=b"),
+            400,
+            "invalid_multipart",
+        ),
         ("huge-note", multipart(good, report="cough " * 1000), 422, "invalid_request"),
         ("non-utf8-note", multipart(good, report=b"\xff\xfe\xfa cough"), 400, "invalid_text"),
-        ("json-lone-surrogate-note", raw(b'{"image_b64": "%s", "report": "\\ud800 cough"}' % b64(good).encode(),
-                                          "application/json"), 400, "invalid_text"),
+        (
+            "json-lone-surrogate-note",
+            raw(b'{"image_b64": "%s", "report": "\\ud800 cough"}' % b64(good).encode(), "application/json"),
+            400,
+            "invalid_text",
+        ),
         ("json-missing-image", as_json({"report": "cough"}), 422, "invalid_request"),
         ("json-invalid-base64", as_json({"image_b64": "not base64 !!!"}), 400, "invalid_base64"),
         ("json-not-json", raw(b"{image_b64: ", "application/json"), 400, "invalid_json"),
@@ -155,16 +170,26 @@ def hostile_cases() -> list[tuple[str, Req, int, str]]:
         ("json-report-number", as_json({"image_b64": b64(good), "report": 42}), 422, "invalid_request"),
         ("json-deep-nesting", raw(b"[" * 100_000 + b"]" * 100_000, "application/json"), 400, "invalid_json"),
         ("json-top-k-negative", as_json({"image_b64": b64(good), "top_k": -1}), 422, "invalid_request"),
-        ("json-top-k-nan", raw(b'{"image_b64": "%s", "top_k": NaN}' % b64(good).encode(), "application/json"), 400, "invalid_json"),
+        (
+            "json-top-k-nan",
+            raw(b'{"image_b64": "%s", "top_k": NaN}' % b64(good).encode(), "application/json"),
+            400,
+            "invalid_json",
+        ),
         ("json-top-k-float", as_json({"image_b64": b64(good), "top_k": 2.5}), 422, "invalid_request"),
         ("json-top-k-bool", as_json({"image_b64": b64(good), "top_k": True}), 422, "invalid_request"),
         ("form-top-k-nan", multipart(good, top_k="nan"), 422, "invalid_request"),
         ("form-top-k-huge", multipart(good, top_k="99999999999999999999"), 422, "invalid_request"),
         ("oversized-body", raw(b"x" * over, "application/json"), 413, "body_too_large"),
-        ("lying-content-length", raw(b"{}", "application/json", **{"content-length": "abc"}), 400, "invalid_content_length"),
+        (
+            "lying-content-length",
+            raw(b"{}", "application/json", **{"content-length": "abc"}),
+            400,
+            "invalid_content_length",
+        ),
         ("no-token", Req(multipart(good).kwargs, auth=False), 401, "unauthorized"),
-        ("wrong-token", Req({**multipart(good).kwargs, "headers": {"authorization": "Bearer wrong"}}, auth=False), 401, "unauthorized"),
-        ("basic-auth", Req({**multipart(good).kwargs, "headers": {"authorization": "Basic dXNlcjpwdw=="}}, auth=False), 401, "unauthorized"),
+        ("wrong-token", with_auth("Bearer wrong"), 401, "unauthorized"),
+        ("basic-auth", with_auth("Basic dXNlcjpwdw=="), 401, "unauthorized"),
         ("model-info-no-token", Req(method="GET", path="/v1/model", auth=False), 401, "unauthorized"),
         ("get-predict", Req(method="GET"), 405, "method_not_allowed"),
         ("unknown-path", Req(method="GET", path="/v1/../etc/passwd"), 404, "not_found"),
@@ -237,11 +262,15 @@ def make_export(path: str, seed: int) -> TinyExport:
     torch.manual_seed(seed)
     model = create_model("medfusion_tiny", len(tokenizer), len(classes)).eval()
     export_model(
-        model, path, tokenizer=tokenizer, classes=classes, data_settings=DATA,
-        metrics={"accuracy": 0.5}, lineage={"dataset_version": "synthetic-test", "trial_id": None},
+        model,
+        path,
+        tokenizer=tokenizer,
+        classes=classes,
+        data_settings=DATA,
+        metrics={"accuracy": 0.5},
+        lineage={"dataset_version": "synthetic-test", "trial_id": None},
     )
     return TinyExport(uri=path, samples=samples, version=load_export(path).version)
-
 
 
 def wait_for(condition, timeout_s: float, interval_s: float = 0.2, message: str = "condition") -> Any:
@@ -254,7 +283,7 @@ def wait_for(condition, timeout_s: float, interval_s: float = 0.2, message: str 
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
 
 
-def replica_states(app: str, deployment: str = "MedFusionModel") -> dict[str, int]:
+def replica_states(app: str, deployment: str = "MedFusionDeployment") -> dict[str, int]:
     from ray import serve
 
     status = serve.status().applications.get(app)

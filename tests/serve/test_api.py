@@ -28,15 +28,22 @@ from serve_cases import (
     send_kwargs,
     strip_meta,
 )
-from medfusion import registry, serving
-from medfusion.config import ConfigError, ServeConfig, load_config
+
+from medfusion import registry
+from medfusion.config import ConfigError, ServeConfig
 from medfusion.data.images import DEFAULT_MAX_PIXELS
+from medfusion.loader import load_config
 from medfusion.predictor import Predictor
+from medfusion.serving import runtime
+from medfusion.serving.api import ACCESS_LOGGER, _read_body, create_api
+from medfusion.serving.parsing import ApiError
+from medfusion.serving.runtime import BatchPacer, HandleBackend, LocalBackend, ModelRunner
+from medfusion.serving.settings import ApiSettings, ingress_args, model_args, read_token, resolve_served_model_uri
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_export):
-    return serving.ModelRunner.load(tiny_export.uri, serving.model_args(ServeConfig(model=tiny_export.uri)))
+    return ModelRunner.load(tiny_export.uri, model_args(ServeConfig(model=tiny_export.uri)))
 
 
 def _client(app) -> httpx.AsyncClient:
@@ -53,7 +60,7 @@ def _call(app, *requests: Req, token: str | None = TOKEN) -> list[httpx.Response
 
 @pytest.fixture(scope="module")
 def api(runner):
-    return serving.create_api(serving.LocalBackend(runner), serving.ApiSettings(limits=LIMITS, token=TOKEN))
+    return create_api(LocalBackend(runner), ApiSettings(limits=LIMITS, token=TOKEN))
 
 
 CASES = hostile_cases()
@@ -76,12 +83,20 @@ def test_hostile_request_gets_its_documented_4xx(api, name, request_, status, er
 
 @pytest.mark.parametrize(
     "make, report",
-    [(png, None), (png, "fever and productive cough"), (jpeg, None), (jpeg, "smoker"), (dicom, None), (dicom, "haemoptysis")],
+    [
+        (png, None),
+        (png, "fever and productive cough"),
+        (jpeg, None),
+        (jpeg, "smoker"),
+        (dicom, None),
+        (dicom, "haemoptysis"),
+    ],
     ids=["png", "png-note", "jpeg", "jpeg-note", "dicom", "dicom-note"],
 )
 def test_response_is_the_predictors_output(api, tiny_export, make, report):
     image = make()
-    expected = json.loads(json.dumps(Predictor.from_export(tiny_export.uri).predict([{"image": image, "report": report}])[0]))
+    (prediction,) = Predictor.from_export(tiny_export.uri).predict([{"image": image, "report": report}])
+    expected = json.loads(json.dumps(prediction))
     form, body = _call(api, multipart(image, report=report), as_json({"image_b64": b64(image), "report": report}))
     for response in (form, body):
         assert response.status_code == 200, response.text
@@ -96,10 +111,14 @@ def test_top_k_and_data_url(api):
 
 def test_model_health_ready_openapi(api, tiny_export):
     info, health, ready, spec = _call(
-        api, Req(method="GET", path="/v1/model"), Req(method="GET", path="/healthz", auth=False),
-        Req(method="GET", path="/readyz", auth=False), Req(method="GET", path="/openapi.json", auth=False),
+        api,
+        Req(method="GET", path="/v1/model"),
+        Req(method="GET", path="/healthz", auth=False),
+        Req(method="GET", path="/readyz", auth=False),
+        Req(method="GET", path="/openapi.json", auth=False),
     )
-    assert info.json()["version"] == tiny_export.version and info.json()["lineage"]["dataset_version"] == "synthetic-test"
+    assert info.json()["version"] == tiny_export.version
+    assert info.json()["lineage"]["dataset_version"] == "synthetic-test"
     assert health.json() == {"status": "ok"} and ready.json() == {"status": "ready"}
     paths = spec.json()["paths"]
     assert {"/v1/predict", "/v1/model", "/healthz", "/readyz"} <= set(paths)
@@ -109,7 +128,7 @@ def test_model_health_ready_openapi(api, tiny_export):
 
 
 def test_no_token_configured_means_open(runner):
-    open_api = serving.create_api(serving.LocalBackend(runner), serving.ApiSettings(limits=LIMITS))
+    open_api = create_api(LocalBackend(runner), ApiSettings(limits=LIMITS))
     (response,) = _call(open_api, multipart(png()), token=None)
     assert response.status_code == 200
 
@@ -135,7 +154,7 @@ class _Stub:
 
 def _stub_api(**kwargs):
     limits = load_config(type(LIMITS), base={"request_timeout_s": 0.2})
-    return serving.create_api(_Stub(**kwargs), serving.ApiSettings(limits=limits))
+    return create_api(_Stub(**kwargs), ApiSettings(limits=limits))
 
 
 def test_slow_model_gets_504():
@@ -152,7 +171,7 @@ def test_slow_body_gets_408():
             await asyncio.sleep(5)
 
     async def go():
-        return await asyncio.wait_for(serving._read_body(SlowRequest(), 100), 0.1)
+        return await asyncio.wait_for(_read_body(SlowRequest(), 100), 0.1)
 
     with pytest.raises(asyncio.TimeoutError):  # create_api turns this into 408 request_timeout
         asyncio.run(go())
@@ -160,17 +179,18 @@ def test_slow_body_gets_408():
 
 def test_not_ready_gets_503_with_retry_after():
     (response,) = _call(_stub_api(ready=False), Req(method="GET", path="/readyz", auth=False))
-    assert (response.status_code, response.json()["error"]) == (503, "not_ready") and response.headers["retry-after"] == "1"
+    assert (response.status_code, response.json()["error"]) == (503, "not_ready")
+    assert response.headers["retry-after"] == "1"
 
 
 def test_overload_gets_503_with_retry_after():
-    error = serving.ApiError(503, "overloaded", "queue full", {"Retry-After": "1"})
+    error = ApiError(503, "overloaded", "queue full", {"Retry-After": "1"})
     (response,) = _call(_stub_api(fail=error), multipart(png()))
     assert (response.status_code, response.json()["error"], response.headers["retry-after"]) == (503, "overloaded", "1")
 
 
 def test_a_bug_is_a_500_without_trace_and_logged_as_one_line(caplog):
-    logger = logging.getLogger(serving.ACCESS_LOGGER)
+    logger = logging.getLogger(ACCESS_LOGGER)
     logger.addHandler(caplog.handler)
     try:
         (response,) = _call(_stub_api(fail=KeyError("secret-internal-state")), multipart(png()))
@@ -183,7 +203,7 @@ def test_a_bug_is_a_500_without_trace_and_logged_as_one_line(caplog):
 
 
 def test_access_log_is_json_with_the_request_id_and_no_phi(api, caplog):
-    logger = logging.getLogger(serving.ACCESS_LOGGER)
+    logger = logging.getLogger(ACCESS_LOGGER)
     logger.addHandler(caplog.handler)
     note = "patient John Doe, 1970-01-01, haemoptysis"
     try:
@@ -196,7 +216,8 @@ def test_access_log_is_json_with_the_request_id_and_no_phi(api, caplog):
     assert bad.headers["x-request-id"] and bad.headers["x-request-id"] != "client-id-42"
     lines = [json.loads(r.getMessage()) for r in caplog.records]
     assert [(x["request_id"], x["status"], x["error"]) for x in lines] == [
-        ("client-id-42", 200, None), (bad.headers["x-request-id"], 401, "unauthorized")
+        ("client-id-42", 200, None),
+        (bad.headers["x-request-id"], 401, "unauthorized"),
     ]
     assert lines[0]["model_version"] and lines[0]["path"] == "/v1/predict" and lines[0]["latency_ms"] > 0
     assert "John Doe" not in caplog.text and TOKEN not in caplog.text
@@ -235,62 +256,63 @@ def test_bad_serve_config_names_the_field(overrides, message):
 
 
 def test_model_reference_resolution(tmp_path, tiny_export):
-    assert serving.resolve_model_uri("s3://bucket/exports/m1") == "s3://bucket/exports/m1"
-    assert serving.resolve_model_uri(str(tmp_path)) == str(tmp_path)
+    assert resolve_served_model_uri("s3://bucket/exports/m1") == "s3://bucket/exports/m1"
+    assert resolve_served_model_uri(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ConfigError, match="model: required"):
-        serving.resolve_model_uri("")
+        resolve_served_model_uri("")
     with pytest.raises(ConfigError, match="neither an existing path"):
-        serving.resolve_model_uri("bad name")
+        resolve_served_model_uri("bad name")
     with pytest.raises(ConfigError, match="registry_uri: required"):
-        serving.resolve_model_uri("medfusion_tiny:7")
+        resolve_served_model_uri("medfusion_tiny:7")
     # NAME[:VERSION] goes through the model registry (medfusion.registry), complete versions only.
     root = str(tmp_path / "registry")
     pinned = registry.register(tiny_export.uri, root, "medfusion_tiny", version="v1")
-    assert serving.resolve_model_uri("medfusion_tiny", root) == pinned.uri
-    assert serving.resolve_model_uri("medfusion_tiny:latest", root) == pinned.uri
-    assert serving.resolve_model_uri("medfusion_tiny:v1", root) == pinned.uri
+    assert resolve_served_model_uri("medfusion_tiny", root) == pinned.uri
+    assert resolve_served_model_uri("medfusion_tiny:latest", root) == pinned.uri
+    assert resolve_served_model_uri("medfusion_tiny:v1", root) == pinned.uri
     with pytest.raises(ConfigError, match="model 'other' is not in the registry .*; models: medfusion_tiny"):
-        serving.resolve_model_uri("other", root)
+        resolve_served_model_uri("other", root)
     with pytest.raises(ConfigError, match="has no version '7'; versions in .*: v1"):
-        serving.resolve_model_uri("medfusion_tiny:7", root)
+        resolve_served_model_uri("medfusion_tiny:7", root)
 
 
 def test_a_registered_model_says_which_version_it_is(tmp_path, tiny_export):
     pinned = registry.register(tiny_export.uri, str(tmp_path / "registry"), "medfusion_tiny", version="v1")
-    runner = serving.ModelRunner.load(pinned.uri, {"max_batch_size": 2}, warm_up=False)
+    runner = ModelRunner.load(pinned.uri, {"max_batch_size": 2}, warm_up=False)
     assert runner.info["registered"] == "medfusion_tiny:v1" and runner.model["registered"] == "medfusion_tiny:v1"
-    plain = serving.ModelRunner.load(tiny_export.uri, {"max_batch_size": 2}, warm_up=False)
+    plain = ModelRunner.load(tiny_export.uri, {"max_batch_size": 2}, warm_up=False)
     assert "registered" not in plain.info and "registered" not in plain.model
 
 
 def test_token_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("MF_TEST_TOKEN", " abc \n")
-    assert serving.read_token("MF_TEST_TOKEN", "") == "abc"
-    assert serving.read_token("MF_TEST_UNSET_TOKEN", "") is None
+    assert read_token("MF_TEST_TOKEN", "") == "abc"
+    assert read_token("MF_TEST_UNSET_TOKEN", "") is None
     secret = tmp_path / "token"
     secret.write_text("from-file\n")
-    assert serving.read_token("MF_TEST_TOKEN", str(secret)) == "from-file"
+    assert read_token("MF_TEST_TOKEN", str(secret)) == "from-file"
     secret.write_text("  \n")
     with pytest.raises(ConfigError, match="auth_token_file: .* is empty"):
-        serving.read_token("", str(secret))
+        read_token("", str(secret))
     with pytest.raises(ConfigError, match="auth_token_file: cannot read"):
-        serving.read_token("", str(tmp_path / "missing"))
+        read_token("", str(tmp_path / "missing"))
 
 
 def test_model_replicas_get_only_model_settings(monkeypatch):
     monkeypatch.setenv("MEDFUSION_SERVE_TOKEN", TOKEN)
     base = ServeConfig(model="a")
     other = load_config(ServeConfig, base={"model": "a"}, overrides=["limits.max_body_bytes=2048", "auth_token_env=X"])
-    assert serving.model_args(base) == serving.model_args(other)  # an ingress change does not restart the model
-    assert "model" not in serving.model_args(base)
-    assert TOKEN not in json.dumps(serving.ingress_args(base))  # the token is read in the replica, never passed
+    assert model_args(base) == model_args(other)  # an ingress change does not restart the model
+    assert "model" not in model_args(base)
+    assert TOKEN not in json.dumps(ingress_args(base))  # the token is read in the replica, never passed
 
 
 def test_importing_the_serving_modules_starts_nothing_heavy(tmp_path):
     import subprocess
 
     code = (
-        "import sys, medfusion.serving, medfusion.serve, medfusion.bench.serve;"
+        "import sys, medfusion.serving.settings, medfusion.serving.parsing, medfusion.serving.runtime,"
+        " medfusion.serving.api, medfusion.serve, medfusion.bench.serve;"
         "print(','.join(m for m in ('torch', 'ray', 'fastapi', 'PIL') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -334,11 +356,11 @@ def test_handle_backend_maps_serve_failures(outcomes, status, error, calls):
 
     made = {"backpressure": BackPressureError(num_queued_requests=2, max_queued_requests=2), "died": RayActorError()}
     handle = _FakeHandle([made.get(o, o) if isinstance(o, str) else o for o in outcomes])
-    backend = serving.HandleBackend(handle, retry_after_s=2.5)
+    backend = HandleBackend(handle, retry_after_s=2.5)
     if status is None:
         assert asyncio.run(backend.predict({})) == {"ok": 1}
     else:
-        with pytest.raises(serving.ApiError) as info:
+        with pytest.raises(ApiError) as info:
             asyncio.run(backend.predict({}))
         assert (info.value.status, info.value.error, info.value.headers) == (status, error, {"Retry-After": "3"})
     assert handle.predict.calls == calls
@@ -346,7 +368,7 @@ def test_handle_backend_maps_serve_failures(outcomes, status, error, calls):
 
 def test_readiness_does_not_queue_behind_a_busy_model():
     handle = _FakeHandle([{"ok": 1}], ready=[TimeoutError("queue full")])
-    backend = serving.HandleBackend(handle)
+    backend = HandleBackend(handle)
     assert asyncio.run(backend.ready()) is False  # never answered, probe fails: not ready
     asyncio.run(backend.predict({}))
     assert asyncio.run(backend.ready()) is True and handle.ready.calls == 1  # answered recently: no probe
@@ -362,8 +384,8 @@ class _Clock:
 
 def test_batch_pacer_runs_a_lone_request_at_once_and_fills_batches_to_the_load(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(serving.time, "monotonic", clock)
-    pacer = serving.BatchPacer(max_batch_size=8, max_wait_s=0.1, window_s=1.0)
+    monkeypatch.setattr(runtime.time, "monotonic", clock)
+    pacer = BatchPacer(max_batch_size=8, max_wait_s=0.1, window_s=1.0)
     for _ in range(3):  # one request at a time: batches of one, no wait
         assert pacer.arrive() == (1, 0.0)
         pacer.leave()
@@ -387,6 +409,7 @@ def test_model_predictions_run_on_one_thread(runner):
     predict_now = runner.predict_now
     runner.predict_now = lambda items: seen.append(threading.get_ident()) or predict_now(items)
     try:
+
         async def burst() -> None:
             await asyncio.gather(*(runner.predict([{"image": png(), "report": None}]) for _ in range(4)))
 

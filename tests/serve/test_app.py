@@ -11,7 +11,6 @@ import json
 
 import httpx
 import pytest
-from medfusion.predictor import Predictor
 from serve_cases import (
     LIMITS,
     TOKEN,
@@ -28,6 +27,8 @@ from serve_cases import (
     send_kwargs,
     strip_meta,
 )
+
+from medfusion.predictor import Predictor
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,11 @@ def layout(request) -> str:
 def app_url(deploy_module, tiny_export, token_file, layout):
     """The app with the test limits and a bearer token from a file (as a mounted secret would be)."""
     return deploy_module(
-        f"main-{layout}", model=tiny_export.uri, num_cpus=0.25, auth_token_file=token_file, limits=vars(LIMITS),
+        f"main-{layout}",
+        model=tiny_export.uri,
+        num_cpus=0.25,
+        auth_token_file=token_file,
+        limits=vars(LIMITS),
         ingress_replicas=LAYOUTS[layout],
     )
 
@@ -64,12 +69,20 @@ def _send(client: httpx.Client, req: Req) -> httpx.Response:
 
 @pytest.mark.parametrize(
     "make, report",
-    [(png, None), (png, "fever and productive cough"), (jpeg, None), (jpeg, "smoker"), (dicom, None), (dicom, "haemoptysis")],
+    [
+        (png, None),
+        (png, "fever and productive cough"),
+        (jpeg, None),
+        (jpeg, "smoker"),
+        (dicom, None),
+        (dicom, "haemoptysis"),
+    ],
     ids=["png", "png-note", "jpeg", "jpeg-note", "dicom", "dicom-note"],
 )
 def test_predict_matches_the_predictor(client, tiny_export, make, report):
     image = make()
-    expected = json.loads(json.dumps(Predictor.from_export(tiny_export.uri).predict([{"image": image, "report": report}])[0]))
+    (prediction,) = Predictor.from_export(tiny_export.uri).predict([{"image": image, "report": report}])
+    expected = json.loads(json.dumps(prediction))
     for request in (multipart(image, report=report), as_json({"image_b64": b64(image), "report": report})):
         response = _send(client, request)
         assert response.status_code == 200, response.text
@@ -105,15 +118,28 @@ def test_no_replica_died_from_hostile_input(client, layout):
 def test_full_queue_answers_503_with_retry_after(deploy, tiny_export, layout):
     """One replica, batches of 1, 2 queued per caller: a burst of 48 overflows and is told to retry."""
     url = deploy(
-        f"tight-{layout}", model=tiny_export.uri, num_cpus=0.25, max_batch_size=1, max_ongoing_requests=1,
-        max_queued_requests=2, autoscaling={"min_replicas": 1, "max_replicas": 1}, ingress_replicas=LAYOUTS[layout],
+        f"tight-{layout}",
+        model=tiny_export.uri,
+        num_cpus=0.25,
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=2,
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+        ingress_replicas=LAYOUTS[layout],
     )
     from medfusion.bench.serve import encode_multipart, run_load
 
     body, content_type = encode_multipart(png(), "cough")
     refused: list[httpx.Response] = []
-    result = run_load(f"{url}/v1/predict", body, content_type, concurrency=48, requests=144, max_seconds=60,
-                      on_response=lambda r: refused.append(r) if r.status_code == 503 else None)
+    result = run_load(
+        f"{url}/v1/predict",
+        body,
+        content_type,
+        concurrency=48,
+        requests=144,
+        max_seconds=60,
+        on_response=lambda r: refused.append(r) if r.status_code == 503 else None,
+    )
     assert set(result.statuses) <= {200, 503} and result.transport_errors == 0, result.statuses
     assert result.statuses[503] > 0 and result.statuses[200] > 0
     assert {r.headers.get("retry-after") for r in refused} == {"1"}

@@ -11,9 +11,10 @@ from collections import Counter
 
 import pytest
 import ray
+from serve_cases import make_export, png, replica_states, wait_for
+
 from medfusion import registry
 from medfusion.bench.serve import LoadResult, encode_multipart, run_load
-from serve_cases import make_export, png, replica_states, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +50,13 @@ def test_load_at_concurrency_32_scales_up_then_down_without_5xx(deploy, tiny_exp
         max_ongoing_requests=16,
         max_queued_requests=-1,
         autoscaling={
-            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-            "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.5,
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 4,
+            "upscale_delay_s": 0.5,
+            "downscale_delay_s": 2,
+            "look_back_period_s": 1,
+            "metrics_interval_s": 0.5,
         },
     )
     assert replica_states("scale") == {"RUNNING": 1}
@@ -68,13 +74,18 @@ def test_load_at_concurrency_32_scales_up_then_down_without_5xx(deploy, tiny_exp
 
 
 def _model_replica_actors(app: str) -> list[str]:
-    prefix = f"SERVE_REPLICA::{app}#MedFusionModel#"
+    prefix = f"SERVE_REPLICA::{app}#MedFusionDeployment#"
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
 def test_killed_replica_under_load_is_replaced(deploy, tiny_export):
     url = deploy(
-        "fault", model=tiny_export.uri, num_cpus=0.25, max_batch_size=8, max_ongoing_requests=16, max_queued_requests=-1,
+        "fault",
+        model=tiny_export.uri,
+        num_cpus=0.25,
+        max_batch_size=8,
+        max_ongoing_requests=16,
+        max_queued_requests=-1,
         autoscaling={"min_replicas": 2, "max_replicas": 2},
     )
     before = _model_replica_actors("fault")
@@ -101,7 +112,10 @@ def test_version_change_is_a_config_update_with_zero_failed_requests(deploy, tin
     url = deploy("roll", model=f"roll-model:{v1.version}", registry_uri=root, num_cpus=0.25, max_queued_requests=-1)
     versions: list[str] = []
     load = Background(
-        url, concurrency=4, requests=100_000, max_seconds=25,
+        url,
+        concurrency=4,
+        requests=100_000,
+        max_seconds=25,
         on_response=lambda r: versions.append(r.json()["model"]["version"]) if r.status_code == 200 else None,
     )
     time.sleep(3.0)

@@ -10,9 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from medfusion.config import ServeAutoscalingConfig, ServeConfig, load_config
-from medfusion.serve.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
 from serve_cases import multipart, png, replica_states, send_kwargs, wait_for
+
+from medfusion.config import ServeAutoscalingConfig, ServeConfig
+from medfusion.loader import load_config
+from medfusion.serve.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
 
 CONFIG = Path(__file__).resolve().parents[2] / "serve" / "serve_config.yaml"
 
@@ -70,10 +72,15 @@ def test_serve_deploy_of_the_file_answers(serve_url, document, tiny_export):
         deployment["ray_actor_options"]["num_cpus"] = 0.25 if deployment["name"] == MODEL_DEPLOYMENT else 0
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(local))
     try:
-        wait_for(lambda: serve.status().applications.get("yaml") and serve.status().applications["yaml"].status == "RUNNING",
-                 180, message="the YAML app RUNNING")
+
+        def running() -> bool:
+            app = serve.status().applications.get("yaml")
+            return bool(app) and app.status == "RUNNING"
+
+        wait_for(running, 180, message="the YAML app RUNNING")
         assert replica_states("yaml") == {"RUNNING": 1}
-        response = httpx.post(f"{serve_url}/yaml/v1/predict", timeout=60, **send_kwargs(multipart(png(), report="cough"), token=None))
+        request = send_kwargs(multipart(png(), report="cough"), token=None)
+        response = httpx.post(f"{serve_url}/yaml/v1/predict", timeout=60, **request)
         assert response.status_code == 200 and response.json()["model"]["version"] == tiny_export.version
     finally:
         serve.delete("yaml")

@@ -16,11 +16,33 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from medfusion import storage
-from medfusion.config import DataConfig, IngestBenchConfig, PrepareConfig, SplitConfig, SynthConfig
+from medfusion.config import DataConfig, PrepareConfig, SplitConfig, SynthConfig, check
+
+
+@dataclass
+class IngestBenchConfig:
+    """`medfusion bench ingest`: Ray Data vs a plain DataLoader vs the decode ceiling."""
+
+    samples: int = 2000
+    """N: samples in the dataset measured (the RSS check also streams 4N)."""
+    data_uri: str = ""
+    """Dataset root to write the benchmark shards to (default: s3://medfusion/bench/ingest on the local store)."""
+    batch_size: int = 64
+    """Batch size of both pipelines."""
+    image_size: int = 128
+    """Stored and model image side."""
+    loader_workers: int = 2
+    """Worker processes of the baseline DataLoader."""
+    shard_size_mb: float = 8.0
+    """Shard size of the generated dataset (small so that there are several shards to parallelize)."""
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
 class _RssSampler:
@@ -111,7 +133,9 @@ class _ShardStream:
         index, count = (worker.id, worker.num_workers) if worker else (0, 1)
         for uri in self.uris[index::count]:
             fs, path = storage.filesystem(uri)
-            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=self.batch_size, columns=MODEL_COLUMNS):
+            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(
+                batch_size=self.batch_size, columns=MODEL_COLUMNS
+            ):
                 yield collate(batch.to_pydict(), **self.kwargs)
 
 
@@ -186,7 +210,14 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     info_n, info_4n = open_dataset(uris[cfg.samples]), open_dataset(uris[4 * cfg.samples])
 
     # address="local": a new embedded Ray even when `ray start` left a cluster on this machine.
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    ray.init(
+        address="local",
+        num_cpus=cores,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        ignore_reinit_error=True,
+    )
     quiet_ray_data()
     try:
         ray_data_warm = _ray_data(info_n, data_cfg)  # warm-up: worker start, imports
@@ -219,7 +250,10 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     }
     print(f"{'pipeline':<28}{'samples/s':>12}{'first batch s':>15}{'peak RSS MiB':>14}")
     print(f"{'(a) Ray Data':<28}{a:>12.1f}{ray_data['first_batch_s']:>15.3f}{ray_data['peak_rss'] / mib:>14.1f}")
-    print(f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}{ray_data_4n['first_batch_s']:>15.3f}{ray_data_4n['peak_rss'] / mib:>14.1f}")
+    print(
+        f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}"
+        f"{ray_data_4n['first_batch_s']:>15.3f}{ray_data_4n['peak_rss'] / mib:>14.1f}"
+    )
     print(f"{f'(b) DataLoader x{cfg.loader_workers}':<28}{b:>12.1f}{loader['first_batch_s']:>15.3f}{'':>14}")
     print(f"{f'(c) decode ceiling x{cores}':<28}{c:>12.1f}")
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))

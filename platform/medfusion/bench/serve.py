@@ -5,7 +5,7 @@ All of them answer the same request (a synthetic PNG + note, the same export) in
 (a) The Ray Serve application of `medfusion.serve.app` on an embedded Ray: dynamic batching in the
     model deployment, `model_replicas` fixed replicas (no autoscaling, so the figures are comparable);
     once per layout: split (an ingress deployment in front) and combined (the model answers HTTP).
-(b) The same FastAPI app (`medfusion.serving.create_api`: same parsing, validation and logging) in one
+(b) The same FastAPI app (`medfusion.serving.api.create_api`: same parsing, validation and logging) in one
     uvicorn process, calling the predictor once per request, without batching.
 (c) The ceiling: `Predictor.predict` on batches of `max_batch_size` in this process (decode, forward
     and beam search; no HTTP), with the replica's torch threads, times the replicas; and the time of
@@ -34,7 +34,64 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from medfusion.config import ServeBenchConfig, ServeConfig, load_config
+from medfusion.config import PRESETS, ServeConfig, check
+from medfusion.loader import load_config
+
+SERVE_LAYOUTS = ("split", "combined")
+
+
+@dataclass
+class ServeBenchConfig:
+    """`medfusion bench serve`: the Serve app (batched) vs plain FastAPI/uvicorn vs offline forward."""
+
+    model: str = ""
+    """Export to serve (path or s3://); empty writes an untrained export of `preset` to a temporary folder."""
+    preset: str = "tiny"
+    """Size preset of that untrained export: tiny (the HTTP path dominates on CPU), small or base."""
+    requests: int = 400
+    """Requests per system and concurrency level (bounded; see also max_seconds)."""
+    max_seconds: float = 30.0
+    """Time limit per system and concurrency level; the level stops at whichever comes first."""
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """Closed-loop client concurrency levels."""
+    warmup_requests: int = 16
+    """Requests sent before each system is measured (not counted)."""
+    image_size: int = 128
+    """Side of the synthetic request images in pixels (PNG)."""
+    with_report: bool = True
+    """Send the synthetic clinical note with each request."""
+    max_batch_size: int = 32
+    """Dynamic batch size of the Serve app, and the offline batch size."""
+    batch_wait_timeout_s: float = 0.1
+    """Longest batch wait of the Serve app (ServeConfig.batch_wait_timeout_s)."""
+    model_replicas: int = 1
+    """Model replicas of the Serve app (fixed: autoscaling would blur the comparison)."""
+    layouts: list[str] = field(default_factory=lambda: ["split", "combined"])
+    """Serve app layouts to measure: split (ingress + model deployments, ingress_replicas=1) and
+    combined (the model replicas answer HTTP, ingress_replicas=0)."""
+    http_floor: bool = True
+    """Also measure Serve's HTTP path alone (a replica that answers a fixed JSON): the bound that the
+    machine's cores, not the model, put on the Serve app."""
+
+    def __post_init__(self) -> None:
+        check(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        check(self.requests >= 10, "requests", f"must be >= 10, got {self.requests}")
+        check(0 < self.max_seconds <= 3_600, "max_seconds", f"must be in (0, 3600], got {self.max_seconds}")
+        check(
+            bool(self.concurrency) and all(1 <= c <= 1024 for c in self.concurrency),
+            "concurrency",
+            f"must be a non-empty list of values in [1, 1024], got {self.concurrency}",
+        )
+        check(self.warmup_requests >= 0, "warmup_requests", "must be >= 0")
+        check(16 <= self.image_size <= 4096, "image_size", f"must be in [16, 4096], got {self.image_size}")
+        check(1 <= self.max_batch_size <= 1024, "max_batch_size", "must be in [1, 1024]")
+        check(0 <= self.batch_wait_timeout_s <= 10, "batch_wait_timeout_s", "must be in [0, 10]")
+        check(self.model_replicas >= 1, "model_replicas", "must be >= 1")
+        check(
+            bool(self.layouts) and set(self.layouts) <= set(SERVE_LAYOUTS),
+            "layouts",
+            f"must be a non-empty list of {', '.join(SERVE_LAYOUTS)}, got {self.layouts}",
+        )
 
 
 @dataclass
@@ -77,7 +134,9 @@ def encode_multipart(image: bytes, report: str | None) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + image
+        + b"\r\n"
     ]
     if report is not None:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="report"\r\n\r\n{report}\r\n'.encode())
@@ -164,10 +223,11 @@ def write_untrained_export(uri: str, preset: str = "tiny", seed: int = 0) -> str
     default. Untrained weights cost what trained ones do; only the answers differ."""
     import torch
 
-    from medfusion.config import DataConfig, SynthConfig, preset_values
+    from medfusion.config import DataConfig, SynthConfig
     from medfusion.data import synth
     from medfusion.data.tokenizer import Tokenizer
     from medfusion.export import export_model
+    from medfusion.loader import preset_values
     from medfusion.models import create_model
 
     synth_cfg = SynthConfig(num_samples=64, image_size=64, seed=seed)
@@ -237,11 +297,12 @@ def _plain_server(uri: str, port: int, model_args: dict[str, Any]) -> None:
 
     import uvicorn
 
-    from medfusion import serving
+    from medfusion.serving.api import create_api
+    from medfusion.serving.runtime import LocalBackend, ModelRunner
 
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - its access log would flood the terminal
-    runner = serving.ModelRunner.load(uri, model_args)
-    app = serving.create_api(serving.LocalBackend(runner))
+    runner = ModelRunner.load(uri, model_args)
+    app = create_api(LocalBackend(runner))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -272,7 +333,7 @@ def _role(cmdline: str) -> str:
     for marker, role in (
         ("ProxyActor", "proxy"),
         ("MedFusionIngress", "ingress"),
-        ("MedFusionModel", "model"),
+        ("MedFusionDeployment", "model"),
         ("ServeFloor", "replica"),
     ):
         if marker in cmdline:
@@ -343,7 +404,13 @@ def _serve_app(
     from medfusion.serve.app import build_app
 
     port = _free_port()
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = _floor_app(cfg) if layout == "floor" else build_app(_serve_config(cfg, uri, layout))
@@ -359,10 +426,10 @@ def _serve_app(
 def _plain_app(uri: str, body: bytes, content_type: str, cfg: ServeBenchConfig) -> dict[int, dict[str, Any]]:
     import multiprocessing
 
-    from medfusion import serving
+    from medfusion.serving.settings import model_args
 
     port = _free_port()
-    args = {**serving.model_args(_serve_config(cfg, uri)), "torch_threads": 0}  # a plain app keeps torch's default
+    args = {**model_args(_serve_config(cfg, uri)), "torch_threads": 0}  # a plain app keeps torch's default
     process = multiprocessing.get_context("spawn").Process(target=_plain_server, args=(uri, port, args), daemon=True)
     process.start()
     try:

@@ -30,20 +30,66 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medfusion.config import (
+    PRESETS,
     DataConfig,
     ModelConfig,
     PrepareConfig,
     SplitConfig,
     SynthConfig,
-    TrainBenchConfig,
     TrainConfig,
-    preset_values,
+    check,
 )
+from medfusion.loader import preset_values
+
+
+@dataclass
+class TrainBenchConfig:
+    """`medfusion bench train`: Ray Train + DeepSpeed vs a plain PyTorch loop on the same model and data."""
+
+    device: str = "cpu"
+    """cpu, or cuda (one GPU per worker; peak GPU memory is reported)."""
+    zero_stages: list[int] = field(default_factory=lambda: [2])
+    """ZeRO stages measured with one Ray Train worker, one row each (e.g. 0,1,2,3)."""
+    preset: str = ""
+    """Model and data size preset; empty means tiny on cpu, small on cuda."""
+    samples: int = 768
+    """Training images generated for the benchmark dataset."""
+    batch_size: int = 0
+    """Batch size of every variant; 0 takes the preset's data.batch_size."""
+    steps: int = 24
+    """Optimizer steps timed per variant (after warmup_steps)."""
+    warmup_steps: int = 4
+    """Steps run before timing starts (worker start-up, first batches, allocator)."""
+    workers: int = 2
+    """Workers of the multi-worker variant (c); 0 skips it (it also needs that many GPUs on cuda)."""
+    threads: int = 1
+    """Torch intra-op threads of every training process (the same for all variants)."""
+    data_uri: str = ""
+    """Dataset root for the benchmark shards (default: s3://medfusion/bench/train on the local store)."""
+
+    def __post_init__(self) -> None:
+        check(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
+        check(
+            bool(self.zero_stages) and all(s in (0, 1, 2, 3) for s in self.zero_stages),
+            "zero_stages",
+            f"must be a list of 0-3, got {self.zero_stages}",
+        )
+        check(
+            not self.preset or self.preset in PRESETS,
+            "preset",
+            f"must be one of {', '.join(PRESETS)} or empty, got {self.preset!r}",
+        )
+        check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
+        check(self.batch_size >= 0, "batch_size", f"must be >= 0 (0 = the preset's), got {self.batch_size}")
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
 
 
 def _settings(cfg: TrainBenchConfig) -> tuple[str, ModelConfig, DataConfig]:
@@ -54,7 +100,7 @@ def _settings(cfg: TrainBenchConfig) -> tuple[str, ModelConfig, DataConfig]:
     return preset, ModelConfig(**preset_values(preset, "model")), DataConfig(**data_values)
 
 
-def _make_dataset(uri: str, samples: int, image_size: int, val: float = 0.0) -> None:
+def make_dataset(uri: str, samples: int, image_size: int, val: float = 0.0) -> None:
     """A synthetic dataset at `uri`: everything in train (the split that is streamed), or `val` of it
     held out for validation (what a sweep ranks trials on)."""
     from medfusion.data.prepare import run_prepare
@@ -77,7 +123,10 @@ def _plain_batches(info: Any, data_cfg: DataConfig, device: Any, in_memory: bool
     from medfusion.models import to_tensors
 
     if in_memory:
-        cached = [to_tensors(b, device) for b in iter_local_batches(info, "train", data_cfg, limit=count * data_cfg.batch_size)]
+        cached = [
+            to_tensors(b, device)
+            for b in iter_local_batches(info, "train", data_cfg, limit=count * data_cfg.batch_size)
+        ]
         yield from (cached[i % len(cached)] for i in range(count))
         return
     served = 0
@@ -87,14 +136,14 @@ def _plain_batches(info: Any, data_cfg: DataConfig, device: Any, in_memory: bool
             yield to_tensors(batch, device)
 
 
-def _baseline(args: dict[str, Any]) -> dict[str, float]:
+def run_baseline(args: dict[str, Any]) -> dict[str, float]:
     """(b), in a fresh process: a plain PyTorch loop, reading and decoding the shards inline
     (`in_memory` false) or over batches decoded before timing (the compute ceiling)."""
     import torch
 
     from medfusion.data.dataset import open_dataset
     from medfusion.models import build_model
-    from medfusion.training.engine import _float_outputs
+    from medfusion.training.engine import float_outputs
 
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
@@ -115,7 +164,7 @@ def _baseline(args: dict[str, Any]) -> dict[str, float]:
         batch = next(batches)
         fetched = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = _float_outputs(model(batch))
+            out = float_outputs(model(batch))
         loss, _ = model.loss(batch, out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,12 +181,21 @@ def _baseline(args: dict[str, Any]) -> dict[str, float]:
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {"samples": samples, "seconds": timed, "data_wait_s": data_wait, "steps": args["steps"], "peak_memory_mib": peak}
+    return {
+        "samples": samples,
+        "seconds": timed,
+        "data_wait_s": data_wait,
+        "steps": args["steps"],
+        "peak_memory_mib": peak,
+    }
 
 
 def _in_fresh_process(args: dict[str, Any]) -> dict[str, float]:
-    """Run `_baseline` in a new interpreter: its peak memory is its own, not this driver's."""
-    code = "import json, sys; from medfusion.bench.train import _baseline; print(json.dumps(_baseline(json.loads(sys.argv[1]))))"
+    """Run `run_baseline` in a new interpreter: its peak memory is its own, not this driver's."""
+    code = (
+        "import json, sys; from medfusion.bench.train import run_baseline; "
+        "print(json.dumps(run_baseline(json.loads(sys.argv[1]))))"
+    )
     out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"plain PyTorch baseline failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -146,18 +204,18 @@ def _in_fresh_process(args: dict[str, Any]) -> dict[str, float]:
 
 def _ray_variant(cfg: TrainBenchConfig, train: TrainConfig, info: Any) -> dict[str, float]:
     """(a)/(c): the production training loop in benchmark mode; global samples/s over all workers."""
-    from medfusion.train import fit
+    from medfusion.training.loop import TrainJob
+    from medfusion.training.run import fit
 
     total = cfg.warmup_steps + cfg.steps
-    job = {
-        "train": asdict(train),
-        "run_uri": os.path.join(train.storage_uri, train.name),
-        "lineage": {},
-        "steps_per_epoch": total,
-        "micro_batches_per_epoch": total,
-        "threads": cfg.threads,
-        "bench": {"warmup_steps": cfg.warmup_steps, "steps": cfg.steps},
-    }
+    job = TrainJob(
+        train=asdict(train),
+        run_uri=os.path.join(train.storage_uri, train.name),
+        steps_per_epoch=total,
+        micro_batches_per_epoch=total,
+        threads=cfg.threads,
+        bench={"warmup_steps": cfg.warmup_steps, "steps": cfg.steps},
+    )
     out = fit(train, info, job)
     world = int(out["world_size"])
     return {
@@ -209,15 +267,21 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
     # Enough rows that the widest variant never runs out within one epoch.
     samples = max(cfg.samples, (cfg.warmup_steps + cfg.steps + 1) * data_cfg.batch_size * widest)
     data_uri = cfg.data_uri or "s3://medfusion/bench/train"
-    _make_dataset(data_uri, samples, data_cfg.image_size)
+    make_dataset(data_uri, samples, data_cfg.image_size)
     info = open_dataset(data_uri)
     precision = "bf16" if use_gpu else "fp32"
 
     args = {
-        "dataset_uri": data_uri, "model": asdict(model_cfg), "data": asdict(data_cfg), "threads": cfg.threads,
-        "device": "cuda" if use_gpu else "cpu", "precision": precision, "clip": 1.0,
-        "warmup_steps": cfg.warmup_steps, "steps": cfg.steps,
-    }  # fmt: skip
+        "dataset_uri": data_uri,
+        "model": asdict(model_cfg),
+        "data": asdict(data_cfg),
+        "threads": cfg.threads,
+        "device": "cuda" if use_gpu else "cpu",
+        "precision": precision,
+        "clip": 1.0,
+        "warmup_steps": cfg.warmup_steps,
+        "steps": cfg.steps,
+    }
     baseline = _row("(b) plain PyTorch loop, decoding inline", _in_fresh_process({**args, "in_memory": False}))
     ceiling = _row("(b') plain PyTorch loop, batches in memory", _in_fresh_process({**args, "in_memory": True}))
 
@@ -225,28 +289,47 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
 
     def train_cfg(workers: int, stage: int) -> TrainConfig:
         return TrainConfig(
-            dataset_uri=data_uri, storage_uri=storage_dir, name=f"bench-{uuid.uuid4().hex[:8]}",
-            model=model_cfg, data=data_cfg, epochs=1, zero_stage=stage, precision=precision, clip=1.0,
-            num_workers=workers, cpus_per_worker=reserve, use_gpu=use_gpu, max_failures=0,
-            shuffle_buffer=0, evaluate=False,
-        )  # fmt: skip
+            dataset_uri=data_uri,
+            storage_uri=storage_dir,
+            name=f"bench-{uuid.uuid4().hex[:8]}",
+            model=model_cfg,
+            data=data_cfg,
+            epochs=1,
+            zero_stage=stage,
+            precision=precision,
+            clip=1.0,
+            num_workers=workers,
+            cpus_per_worker=reserve,
+            use_gpu=use_gpu,
+            max_failures=0,
+            shuffle_buffer=0,
+            evaluate=False,
+        )
 
     started_ray = False
     if not ray.is_initialized():
         ray.init(
-            address="local", num_cpus=max(os.cpu_count() or 1, widest * cfg.threads + 1),
-            include_dashboard=False, log_to_driver=False, configure_logging=False,
-        )  # fmt: skip
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, widest * cfg.threads + 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         started_ray = True
     # Ray Data's read/preprocess tasks need a free CPU; on a Ray that is already running with too
     # few, the workers reserve none and share the cores.
     reserve = float(cfg.threads) if ray.cluster_resources().get("CPU", 0) >= widest * cfg.threads + 1 else 0.0
     try:
-        stages = [_row(f"(a) Ray Train + DeepSpeed ZeRO-{s}, 1 worker", _ray_variant(cfg, train_cfg(1, s), info)) for s in cfg.zero_stages]
+        stages = [
+            _row(f"(a) Ray Train + DeepSpeed ZeRO-{s}, 1 worker", _ray_variant(cfg, train_cfg(1, s), info))
+            for s in cfg.zero_stages
+        ]
         two = None
         if multi:
-            two = _row(f"(c) Ray Train + DeepSpeed ZeRO-{cfg.zero_stages[0]}, {cfg.workers} workers",
-                       _ray_variant(cfg, train_cfg(cfg.workers, cfg.zero_stages[0]), info))
+            two = _row(
+                f"(c) Ray Train + DeepSpeed ZeRO-{cfg.zero_stages[0]}, {cfg.workers} workers",
+                _ray_variant(cfg, train_cfg(cfg.workers, cfg.zero_stages[0]), info),
+            )
     finally:
         shutil.rmtree(storage_dir, ignore_errors=True)  # benchmark runs write no checkpoints; only Ray's markers
         if started_ray:
@@ -256,9 +339,15 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
 
     memory_unit = "MiB (GPU, max allocated)" if use_gpu else "MiB (peak RSS)"
     rows = [baseline, ceiling, *stages, *([two] if two else [])]
-    print(f"{'variant':<44}{'samples/s':>11}{'step ms':>10}{'data wait':>11}{'peak ' + ('GPU' if use_gpu else 'RSS') + ' MiB':>15}")
+    print(
+        f"{'variant':<44}{'samples/s':>11}{'step ms':>10}{'data wait':>11}"
+        f"{'peak ' + ('GPU' if use_gpu else 'RSS') + ' MiB':>15}"
+    )
     for r in rows:
-        print(f"{r['name']:<44}{r['samples_per_s']:>11.1f}{r['step_time_ms']:>10.1f}{100 * r['data_wait_share']:>10.1f}%{r['peak_memory_mib']:>15.1f}")
+        print(
+            f"{r['name']:<44}{r['samples_per_s']:>11.1f}{r['step_time_ms']:>10.1f}"
+            f"{100 * r['data_wait_share']:>10.1f}%{r['peak_memory_mib']:>15.1f}"
+        )
 
     a = stages[0]
     figures: dict[str, dict[str, Any]] = {
@@ -271,23 +360,49 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         "plain_torch_in_memory_step_time": {"value": round(ceiling["step_time_ms"], 2), "unit": "ms"},
     }
     for stage, row in zip(cfg.zero_stages, stages):
-        figures[f"ray_deepspeed_zero{stage}_1w_samples_per_s"] = {"value": round(row["samples_per_s"], 2), "unit": "samples/s"}
+        figures[f"ray_deepspeed_zero{stage}_1w_samples_per_s"] = {
+            "value": round(row["samples_per_s"], 2),
+            "unit": "samples/s",
+        }
         figures[f"ray_deepspeed_zero{stage}_1w_step_time"] = {"value": round(row["step_time_ms"], 2), "unit": "ms"}
-        figures[f"ray_deepspeed_zero{stage}_1w_peak_memory"] = {"value": round(row["peak_memory_mib"], 1), "unit": memory_unit}
-        figures[f"ray_deepspeed_zero{stage}_1w_data_wait_share"] = {"value": round(row["data_wait_share"], 4), "unit": "fraction"}
+        figures[f"ray_deepspeed_zero{stage}_1w_peak_memory"] = {
+            "value": round(row["peak_memory_mib"], 1),
+            "unit": memory_unit,
+        }
+        figures[f"ray_deepspeed_zero{stage}_1w_data_wait_share"] = {
+            "value": round(row["data_wait_share"], 4),
+            "unit": "fraction",
+        }
     ratios = {
         "ray_deepspeed_1w_vs_plain_torch": round(a["samples_per_s"] / max(baseline["samples_per_s"], 1e-9), 3),
         "ray_deepspeed_1w_vs_plain_torch_in_memory": round(a["samples_per_s"] / max(ceiling["samples_per_s"], 1e-9), 3),
     }
     if two is not None:
-        figures[f"ray_deepspeed_{cfg.workers}w_samples_per_s"] = {"value": round(two["samples_per_s"], 2), "unit": "samples/s"}
+        figures[f"ray_deepspeed_{cfg.workers}w_samples_per_s"] = {
+            "value": round(two["samples_per_s"], 2),
+            "unit": "samples/s",
+        }
         figures[f"ray_deepspeed_{cfg.workers}w_step_time"] = {"value": round(two["step_time_ms"], 2), "unit": "ms"}
-        figures[f"ray_deepspeed_{cfg.workers}w_peak_memory"] = {"value": round(two["peak_memory_mib"], 1), "unit": memory_unit}
-        figures[f"ray_deepspeed_{cfg.workers}w_data_wait_share"] = {"value": round(two["data_wait_share"], 4), "unit": "fraction"}
+        figures[f"ray_deepspeed_{cfg.workers}w_peak_memory"] = {
+            "value": round(two["peak_memory_mib"], 1),
+            "unit": memory_unit,
+        }
+        figures[f"ray_deepspeed_{cfg.workers}w_data_wait_share"] = {
+            "value": round(two["data_wait_share"], 4),
+            "unit": "fraction",
+        }
         ratios[f"ray_deepspeed_{cfg.workers}w_vs_1w"] = round(two["samples_per_s"] / max(a["samples_per_s"], 1e-9), 3)
     elif cfg.workers >= 2:
         print(f"(c) skipped: {cfg.workers} workers need {cfg.workers} GPUs, {gpus} visible")
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
-    config = {**asdict(cfg), "preset": preset, "batch_size": data_cfg.batch_size, "image_size": data_cfg.image_size,
-              "samples": samples, "precision": precision, "cores": os.cpu_count(), "gpus": gpus}  # fmt: skip
+    config = {
+        **asdict(cfg),
+        "preset": preset,
+        "batch_size": data_cfg.batch_size,
+        "image_size": data_cfg.image_size,
+        "samples": samples,
+        "precision": precision,
+        "cores": os.cpu_count(),
+        "gpus": gpus,
+    }
     return {"bench": "train", "config": config, "figures": figures, "ratios": ratios}

@@ -23,10 +23,66 @@ import multiprocessing
 import os
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from medfusion.config import TuneBenchConfig
+from medfusion.config import check
+
+
+@dataclass
+class TuneBenchConfig:
+    """`medfusion bench tune`: ASHA vs random search vs the full grid, and Tune's scheduling overhead."""
+
+    parts: list[str] = field(default_factory=lambda: ["search", "overhead"])
+    """What to measure: search (grid, ASHA, random on the tiny setup) and/or overhead (no-op trials)."""
+    samples: int = 400
+    """Synthetic images of the benchmark dataset (tiny preset, 64 px)."""
+    epochs: int = 9
+    """Most epochs a trial runs (ASHA's max_t; with reduction_factor 3 its rungs are at 1, 3 and 9)."""
+    steps_per_epoch: int = 6
+    """Optimizer steps per epoch of every trial (train.max_steps_per_epoch)."""
+    search_space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "model.fusion": ["concat", "gated", "cross_attention", "image_only", "text_only"],
+            "train.lr": [3.0e-4, 3.0e-3],
+        }
+    )
+    """The grid (choices only): every combination is one trial of the grid sweep."""
+    reduction_factor: float = 3.0
+    """ASHA: the best 1/reduction_factor of the trials at a rung go on."""
+    tolerance: float = 0.01
+    """"Within 1% of the grid's best": objective >= (1 - tolerance) x the grid's best."""
+    seed: int = 0
+    """Seed of random search's sampler."""
+    overhead_trials: int = 16
+    """No-op trials of the overhead measurement."""
+    trial_seconds: float = 5.0
+    """How long each no-op trial sleeps: the shortest trial worth scheduling (a tiny training trial
+    takes 20 s or more); the per-trial overhead in ms is printed too, for any other trial length."""
+    iterations: int = 4
+    """Reports per no-op trial."""
+    data_uri: str = ""
+    """Dataset root for the benchmark shards (default: s3://medfusion/bench/tune on the local store)."""
+
+    def __post_init__(self) -> None:
+        check(
+            bool(self.parts) and set(self.parts) <= {"search", "overhead"},
+            "parts",
+            f"must be a list of search and/or overhead, got {self.parts}",
+        )
+        check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
+        check(self.epochs >= 2, "epochs", f"must be >= 2 (ASHA needs a rung to stop at), got {self.epochs}")
+        check(self.steps_per_epoch >= 1, "steps_per_epoch", f"must be >= 1, got {self.steps_per_epoch}")
+        check(
+            bool(self.search_space) and all(isinstance(v, list) and v for v in self.search_space.values()),
+            "search_space",
+            "must map each key to a non-empty list of choices (a grid)",
+        )
+        check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        check(0 <= self.tolerance < 1, "tolerance", f"must be in [0, 1), got {self.tolerance}")
+        check(self.overhead_trials >= 1, "overhead_trials", f"must be >= 1, got {self.overhead_trials}")
+        check(self.trial_seconds > 0, "trial_seconds", f"must be > 0, got {self.trial_seconds}")
+        check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +123,11 @@ def measure_overhead(trials: int, trial_seconds: float, iterations: int, concurr
     with tempfile.TemporaryDirectory(prefix="medfusion-bench-tune-") as storage:
         tuner = tune.Tuner(
             tune.with_resources(_noop_trial, {"cpu": 1}),
-            param_space={"seconds": trial_seconds, "iterations": iterations, "trial": tune.grid_search(list(range(trials)))},
+            param_space={
+                "seconds": trial_seconds,
+                "iterations": iterations,
+                "trial": tune.grid_search(list(range(trials))),
+            },
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=storage, name="overhead", verbose=0),
         )
@@ -133,16 +193,34 @@ def _sweep(cfg: TuneBenchConfig, data_uri: str, storage_uri: str, name: str, **v
     import json
 
     from medfusion import storage
-    from medfusion.config import TuneConfig, load_config, preset_values
+    from medfusion.loader import load_config, preset_values
     from medfusion.tune import run_tune
+    from medfusion.tuning.config import TuneConfig
 
-    tune_cfg = load_config(TuneConfig, base={
-        "dataset_uri": data_uri, "storage_uri": storage_uri, "name": name,
-        "model": preset_values("tiny", "model"), "data": preset_values("tiny", "data"),
-        "train": {"epochs": cfg.epochs, "max_steps_per_epoch": cfg.steps_per_epoch, "num_workers": 1, "warmup_steps": 2},
-        "search_space": cfg.search_space, "search_seed": cfg.seed, "reduction_factor": cfg.reduction_factor,
-        "grace_period": 1, "max_concurrent_trials": 1, "seeds": 0, "register": False, **values,
-    })  # fmt: skip
+    tune_cfg = load_config(
+        TuneConfig,
+        base={
+            "dataset_uri": data_uri,
+            "storage_uri": storage_uri,
+            "name": name,
+            "model": preset_values("tiny", "model"),
+            "data": preset_values("tiny", "data"),
+            "train": {
+                "epochs": cfg.epochs,
+                "max_steps_per_epoch": cfg.steps_per_epoch,
+                "num_workers": 1,
+                "warmup_steps": 2,
+            },
+            "search_space": cfg.search_space,
+            "search_seed": cfg.seed,
+            "reduction_factor": cfg.reduction_factor,
+            "grace_period": 1,
+            "max_concurrent_trials": 1,
+            "seeds": 0,
+            "register": False,
+            **values,
+        },
+    )
     result = run_tune(tune_cfg)
     return json.loads(storage.read_text(result.leaderboard_uri))["trials"]
 
@@ -165,8 +243,13 @@ def measure_search(cfg: TuneBenchConfig, data_uri: str, storage_uri: str) -> dic
     rows = {}
     for name, trials in (("grid", grid), ("asha", asha), ("random", random)):
         best, reached = budget_to_reach(trials, target)
-        rows[name] = {"trials": len(trials), "trial_epochs": trial_epochs(trials), "best": best, "epochs_to_target": reached,
-                      "stopped_early": sum(bool(t.get("stopped_early")) for t in trials)}  # fmt: skip
+        rows[name] = {
+            "trials": len(trials),
+            "trial_epochs": trial_epochs(trials),
+            "best": best,
+            "epochs_to_target": reached,
+            "stopped_early": sum(bool(t.get("stopped_early")) for t in trials),
+        }
     return {"configs": configs, "target": target, "rows": rows}
 
 
@@ -188,7 +271,7 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
         os.environ.update(store.up().env())
     started_ray = False
     if not ray.is_initialized():
-        from medfusion.train import ensure_ray
+        from medfusion.training.runtime import ensure_ray
 
         # With the dashboard: ASHA's stopped trials free their Train workers through the State API.
         started_ray = ensure_ray(TrainConfig(num_workers=1), dashboard=True)
@@ -197,20 +280,24 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
     ratios: dict[str, float] = {}
     try:
         if "search" in cfg.parts:
-            from medfusion.bench.train import _make_dataset
-            from medfusion.config import preset_values
+            from medfusion.bench.train import make_dataset
+            from medfusion.loader import preset_values
 
-            _make_dataset(data_uri, cfg.samples, int(preset_values("tiny", "data")["image_size"]), val=0.2)
+            make_dataset(data_uri, cfg.samples, int(preset_values("tiny", "data")["image_size"]), val=0.2)
             search = measure_search(cfg, data_uri, storage_dir)
             rows = search["rows"]
-            print(f"\nsearch over {search['configs']} configurations x {cfg.epochs} epochs; "
-                  f"target = within {100 * cfg.tolerance:g}% of the grid's best = {search['target']:.4f}")  # fmt: skip
+            print(
+                f"\nsearch over {search['configs']} configurations x {cfg.epochs} epochs; "
+                f"target = within {100 * cfg.tolerance:g}% of the grid's best = {search['target']:.4f}"
+            )
             print(f"{'sweep':<28}{'trials':>7}{'trial-epochs':>14}{'stopped':>9}{'best':>9}{'epochs to target':>18}")
             labels = {"grid": "grid (FIFO)", "asha": "ASHA (same grid)", "random": "random (FIFO, ASHA's budget)"}
             for name, row in rows.items():
                 reached = "not reached" if row["epochs_to_target"] is None else str(row["epochs_to_target"])
                 best = "-" if row["best"] is None else f"{row['best']:.4f}"
-                print(f"{labels[name]:<28}{row['trials']:>7}{row['trial_epochs']:>14}{row['stopped_early']:>9}{best:>9}{reached:>18}")
+                print(
+                    f"{labels[name]:<28}{row['trials']:>7}{row['trial_epochs']:>14}{row['stopped_early']:>9}{best:>9}{reached:>18}"
+                )
                 figures[f"{name}_best_objective"] = {"value": row["best"], "unit": "objective"}
                 figures[f"{name}_trial_epochs"] = {"value": row["trial_epochs"], "unit": "trial-epochs"}
                 figures[f"{name}_trial_epochs_to_target"] = {"value": row["epochs_to_target"], "unit": "trial-epochs"}
@@ -220,12 +307,18 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
                     ratios[f"{name}_best_vs_grid_best"] = round(rows[name]["best"] / rows["grid"]["best"], 4)
                 reached = rows[name]["epochs_to_target"]
                 # Never reaching the target counts as needing more than the whole grid.
-                ratios[f"{name}_epochs_to_target_vs_grid_epochs"] = round((reached if reached is not None else math.inf) / grid_epochs, 4)
+                ratios[f"{name}_epochs_to_target_vs_grid_epochs"] = round(
+                    (reached if reached is not None else math.inf) / grid_epochs, 4
+                )
         if "overhead" in cfg.parts:
             cpus = int(ray.cluster_resources().get("CPU", 1))
-            overhead = measure_overhead(cfg.overhead_trials, cfg.trial_seconds, cfg.iterations, concurrency=max(1, min(cpus, overhead_cpus())))
-            print(f"\nscheduling: {overhead['trials']} no-op trials of {cfg.trial_seconds:g} s, "
-                  f"{max(1, min(cpus, overhead_cpus()))} at a time (ideal {overhead['ideal_s']:.1f} s)")  # fmt: skip
+            overhead = measure_overhead(
+                cfg.overhead_trials, cfg.trial_seconds, cfg.iterations, concurrency=max(1, min(cpus, overhead_cpus()))
+            )
+            print(
+                f"\nscheduling: {overhead['trials']} no-op trials of {cfg.trial_seconds:g} s, "
+                f"{max(1, min(cpus, overhead_cpus()))} at a time (ideal {overhead['ideal_s']:.1f} s)"
+            )
             print(f"{'runner':<24}{'wall s':>9}{'per trial ms':>14}")
             print(f"{'Ray Tune':<24}{overhead['tune_s']:>9.2f}{overhead['tune_per_trial_ms']:>14.0f}")
             print(f"{'multiprocessing.Pool':<24}{overhead['pool_s']:>9.2f}{overhead['pool_per_trial_ms']:>14.0f}")
@@ -241,8 +334,12 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
             started_store.down()
     if ratios:
         print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
-    return {"bench": "tune", "config": {**_plain(cfg), "cores": os.cpu_count()}, "figures": figures,
-            "ratios": {k: (v if math.isfinite(v) else None) for k, v in ratios.items()}}  # fmt: skip
+    return {
+        "bench": "tune",
+        "config": {**_plain(cfg), "cores": os.cpu_count()},
+        "figures": figures,
+        "ratios": {k: (v if math.isfinite(v) else None) for k, v in ratios.items()},
+    }
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

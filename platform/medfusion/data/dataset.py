@@ -78,21 +78,26 @@ def open_dataset(uri: str, verify: bool = False) -> DatasetInfo:
     try:
         raw = storage.read_bytes(manifest_uri)
     except FileNotFoundError:
-        raise DatasetError(f"{uri}: no dataset here ({MANIFEST} not found; run `medfusion data synth` or `data ingest`)") from None
+        raise DatasetError(
+            f"{uri}: no dataset here ({MANIFEST} not found; run `medfusion data synth` or `data ingest`)"
+        ) from None
     try:
         manifest = json.loads(raw)
     except ValueError as err:
         raise DatasetError(f"{manifest_uri}: not valid JSON ({err})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(
-            f"{manifest_uri}: schema_version {manifest.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})"
+            f"{manifest_uri}: schema_version {manifest.get('schema_version')!r} is not supported "
+            f"(expected {SCHEMA_VERSION})"
         )
     tok_meta = manifest["tokenizer"]
     tok_uri = storage.join(uri, tok_meta["path"])
     tok_bytes = storage.read_bytes(tok_uri)
     if hashlib.sha256(tok_bytes).hexdigest() != tok_meta["sha256"]:
         raise DatasetError(f"{tok_uri}: sha256 mismatch with {MANIFEST}")
-    info = DatasetInfo(uri=uri, version=dataset_version(raw), manifest=manifest, tokenizer=Tokenizer.from_json(tok_bytes.decode()))
+    info = DatasetInfo(
+        uri=uri, version=dataset_version(raw), manifest=manifest, tokenizer=Tokenizer.from_json(tok_bytes.decode())
+    )
     if verify:
         verify_dataset(info)
     return info
@@ -110,7 +115,9 @@ def verify_dataset(info: DatasetInfo, progress=None) -> int:
                 raise DatasetError(f"shard {shard_uri}: missing") from None
             got = hashlib.sha256(data).hexdigest()
             if got != shard["sha256"]:
-                raise DatasetError(f"shard {shard_uri}: sha256 mismatch (expected {shard['sha256'][:12]}…, got {got[:12]}…)")
+                raise DatasetError(
+                    f"shard {shard_uri}: sha256 mismatch (expected {shard['sha256'][:12]}…, got {got[:12]}…)"
+                )
             checked += 1
             if progress is not None:
                 progress.update(1)
@@ -181,7 +188,7 @@ def preprocess_rows(
     """The `map_batches` function: shard rows -> model batch (decode, resize, normalize, tokenize).
 
     A plain function run as Ray tasks: on small CPU work per batch, tasks start streaming at once
-    where an actor pool first waits for its actors (measured 4x faster on 2 cores).
+    where an actor pool first waits for its actors to start.
     """
     rng = None
     if report_dropout > 0.0:
@@ -205,10 +212,10 @@ def preprocess_rows(
 def _read_parquet(paths: list[str], fs: Any) -> ray.data.Dataset:
     """`ray.data.read_parquet` through Ray Data's file-based (V1) Parquet reader.
 
-    Ray 2.60's default DataSourceV2 reader packed our 12 shards of 8 MB into one read task and one
-    map task: nothing ran in parallel, and the first batch of every epoch came after 3.8 s on 2 cores.
-    The V1 reader makes a read task per shard and splits blocks, so the first batch comes after 0.3 s
-    and an epoch of 8000 samples takes 4.2 s instead of 5.1 s. The choice is made when the read is
+    Ray 2.60's default DataSourceV2 reader packs a few shards of several MB into one read task and
+    one map task, so nothing runs in parallel and each epoch waits for a whole task before its first
+    batch. The V1 reader makes a read task per shard and splits blocks, so decoding starts on every
+    core at once (README, "Benchmarks", has the figures). The choice is made when the read is
     planned, so the flag is restored right after.
     """
     import ray.data

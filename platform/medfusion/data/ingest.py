@@ -208,13 +208,12 @@ def _manifest_items(cfg: PrepareConfig) -> list[_Entry | Rejection]:
     fmt = MANIFEST_FORMATS.get(suffix)
     if fmt is None:
         raise IngestError(
-            f"manifest {uri}: unsupported extension {suffix or '(none)'!r} "
-            f"(expected {', '.join(MANIFEST_FORMATS)})"
+            f"manifest {uri}: unsupported extension {suffix or '(none)'!r} (expected {', '.join(MANIFEST_FORMATS)})"
         )
     text = _read_table(uri, "manifest")
     rows = _csv_rows(text, uri, "manifest", REQUIRED_COLUMNS) if fmt == "csv" else _jsonl_rows(text, uri)
     stem = _stem(uri)
-    base = _parent(uri)
+    base = storage.parent(uri)
     items: list[_Entry | Rejection] = []
     for row, record in rows:
         if isinstance(record, Rejection):
@@ -465,9 +464,7 @@ class _FileIndex:
 # --------------------------------------------------------------------------------------------
 
 
-def _assign_classes(
-    items: list[_Entry | Rejection], given: list[str]
-) -> tuple[list[str], list[_Entry | Rejection]]:
+def _assign_classes(items: list[_Entry | Rejection], given: list[str]) -> tuple[list[str], list[_Entry | Rejection]]:
     """Fix the class list (given, or the sorted labels seen) and map each row's labels to indices;
     a row with a label outside a given list becomes a Rejection."""
     classes = given or sorted({name for e in items if isinstance(e, _Entry) for name in e.label_names})
@@ -638,9 +635,3 @@ def _suffix(uri: str) -> str:
 
 def _stem(uri: str) -> str:
     return PurePosixPath(uri.rstrip("/")).stem
-
-
-def _parent(uri: str) -> str:
-    if storage.is_s3(uri):
-        return uri.rstrip("/").rsplit("/", 1)[0]
-    return str(Path(uri).parent)

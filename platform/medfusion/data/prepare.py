@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from medfusion import storage
-from medfusion.config import PrepareConfig, to_dict
+from medfusion.config import PrepareConfig
 from medfusion.data.dataset import dataset_version
 from medfusion.data.schema import Sample
 from medfusion.data.shards import MANIFEST, REJECTED, check_output, write_dataset
+from medfusion.loader import to_dict
 
 
 class TooManyRejectedError(ValueError):

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from medfusion.config import SPLITS
+
 SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
+__all__ = ["SCHEMA_VERSION", "SHARD_SCHEMA", "SPLITS", "Sample"]
 
 SHARD_SCHEMA = pa.schema(
     [

@@ -160,7 +160,12 @@ def write_dataset(
         "source": source,
         "classes": classes,
         "multi_label": multi_label,
-        "tokenizer": {"path": TOKENIZER, "type": "word", "vocab_size": len(tokenizer), "sha256": _sha256(tokenizer_bytes)},
+        "tokenizer": {
+            "path": TOKENIZER,
+            "type": "word",
+            "vocab_size": len(tokenizer),
+            "sha256": _sha256(tokenizer_bytes),
+        },
         "splits": {
             s: {
                 "rows": sum(sh["rows"] for sh in w.shards),

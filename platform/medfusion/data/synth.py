@@ -68,9 +68,20 @@ NORMAL = "normal"
 # --------------------------------------------------------------------------------------------
 
 NONSPECIFIC_CUES = (
-    "shortness of breath", "dyspnoea", "breathlessness on exertion", "chest tightness", "fatigue",
-    "reduced exercise tolerance", "ankle swelling", "palpitations", "pre-operative assessment",
-    "routine follow-up", "chest discomfort", "cough", "symptoms for {days}", "symptoms for {weeks}",
+    "shortness of breath",
+    "dyspnoea",
+    "breathlessness on exertion",
+    "chest tightness",
+    "fatigue",
+    "reduced exercise tolerance",
+    "ankle swelling",
+    "palpitations",
+    "pre-operative assessment",
+    "routine follow-up",
+    "chest discomfort",
+    "cough",
+    "symptoms for {days}",
+    "symptoms for {weeks}",
 )
 BACKGROUND_CUES = ("hypertension", "type 2 diabetes", "ex-smoker", "asthma", "copd", "hypercholesterolaemia")
 REQUESTS = ("evaluate.", "please evaluate.", "please assess.", "? cause.", "cxr requested.", "")
@@ -95,32 +106,69 @@ CATALOGUE: dict[str, ClassSpec] = {
     "pneumonia": ClassSpec(
         "consolidation",
         LUNG_ZONES,
-        ("fever", "high fever", "productive cough", "cough with green sputum", "rigors",
-         "pleuritic chest pain", "onset {days} ago", "acute cough for {days}", "raised crp",
-         "crackles on auscultation", "febrile and tachypnoeic", "query chest infection"),
+        (
+            "fever",
+            "high fever",
+            "productive cough",
+            "cough with green sputum",
+            "rigors",
+            "pleuritic chest pain",
+            "onset {days} ago",
+            "acute cough for {days}",
+            "raised crp",
+            "crackles on auscultation",
+            "febrile and tachypnoeic",
+            "query chest infection",
+        ),
         "consolidation",
     ),
     "tuberculosis": ClassSpec(
         "consolidation",
         LUNG_ZONES,
-        ("night sweats", "drenching night sweats", "weight loss", "unintentional weight loss",
-         "cough for {weeks}", "household contact with tuberculosis", "recent travel to an endemic area",
-         "hiv positive", "arrived from a high-prevalence country", "low-grade evening fevers", "haemoptysis"),
+        (
+            "night sweats",
+            "drenching night sweats",
+            "weight loss",
+            "unintentional weight loss",
+            "cough for {weeks}",
+            "household contact with tuberculosis",
+            "recent travel to an endemic area",
+            "hiv positive",
+            "arrived from a high-prevalence country",
+            "low-grade evening fevers",
+            "haemoptysis",
+        ),
         "consolidation",
     ),
     "benign_nodule": ClassSpec(
         "nodule",
         LUNG_ZONES,
-        ("non-smoker", "never smoked", "nodule stable on prior imaging", "unchanged from previous film",
-         "history of granulomatous disease", "known calcified granuloma", "follow-up of known nodule",
-         "asymptomatic"),
+        (
+            "non-smoker",
+            "never smoked",
+            "nodule stable on prior imaging",
+            "unchanged from previous film",
+            "history of granulomatous disease",
+            "known calcified granuloma",
+            "follow-up of known nodule",
+            "asymptomatic",
+        ),
         "nodule",
     ),
     "malignant_nodule": ClassSpec(
         "nodule",
         LUNG_ZONES,
-        ("heavy smoker", "{packs} pack-year smoking history", "current smoker", "haemoptysis", "weight loss",
-         "new hoarseness", "family history of lung cancer", "no prior imaging", "persistent cough"),
+        (
+            "heavy smoker",
+            "{packs} pack-year smoking history",
+            "current smoker",
+            "haemoptysis",
+            "weight loss",
+            "new hoarseness",
+            "family history of lung cancer",
+            "no prior imaging",
+            "persistent cough",
+        ),
         "nodule",
     ),
     "pleural_effusion": ClassSpec("effusion", BASE_ZONES, (), "effusion"),
@@ -132,21 +180,37 @@ FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "consolidation": ("consolidation", "airspace opacity", "airspace opacification"),
     "nodule": ("pulmonary nodule", "nodule", "rounded opacity", "nodular opacity"),
     "effusion": ("pleural effusion", "effusion", "pleural fluid", r"blunting of the (?:right|left) costophrenic angle"),
-    "cardiomegaly": ("cardiomegaly", "enlarged cardiac silhouette", "cardiac silhouette is enlarged",
-                     "heart is enlarged", "enlarged heart"),
+    "cardiomegaly": (
+        "cardiomegaly",
+        "enlarged cardiac silhouette",
+        "cardiac silhouette is enlarged",
+        "heart is enlarged",
+        "enlarged heart",
+    ),
     "pneumothorax": ("pneumothorax",),
 }
 # Statements that a study is normal (used only when nothing positive is mentioned).
-NORMAL_PHRASES = ("lungs are clear", "clear lungs", "no acute cardiopulmonary", "normal chest",
-                  "heart size is normal", "cardiac silhouette is normal", "not enlarged")
+NORMAL_PHRASES = (
+    "lungs are clear",
+    "clear lungs",
+    "no acute cardiopulmonary",
+    "normal chest",
+    "heart size is normal",
+    "cardiac silhouette is normal",
+    "not enlarged",
+)
 
 # Negations drawn into findings: one list per finding they deny.
 NEGATIONS = {
     "consolidation": ("no focal consolidation.", "no consolidation.", "no airspace opacity."),
     "nodule": ("no suspicious nodule.", "no pulmonary nodule."),
     "effusion": ("no pleural effusion.", "no effusion.", "the costophrenic angles are sharp."),
-    "cardiomegaly": ("heart size is normal.", "the cardiac silhouette is normal.", "the heart is not enlarged.",
-                     "no cardiomegaly."),
+    "cardiomegaly": (
+        "heart size is normal.",
+        "the cardiac silhouette is normal.",
+        "the heart is not enlarged.",
+        "no cardiomegaly.",
+    ),
     "pneumothorax": ("no pneumothorax.",),
 }
 
@@ -259,11 +323,20 @@ def _draw_anatomy(rng: np.random.Generator) -> Anatomy:
     lung_cy, lung_ry = u(-0.14, -0.08), u(0.56, 0.62)
     heart_ry = u(0.25, 0.29)
     return Anatomy(
-        scale_x=u(0.9, 1.04), scale_y=u(0.92, 1.05),
-        lung_cx=u(0.40, 0.44), lung_cy=lung_cy, lung_rx=u(0.36, 0.40), lung_ry=lung_ry,
-        heart_cx=u(0.06, 0.12), heart_cy=lung_cy + lung_ry * 0.58,
-        heart_rx=u(0.32, 0.37), heart_ry=heart_ry,
-        dome=u(0.06, 0.12), rib_spacing=u(0.12, 0.145), rib_phase=u(0.0, 1.0), tissue=u(0.5, 0.6),
+        scale_x=u(0.9, 1.04),
+        scale_y=u(0.92, 1.05),
+        lung_cx=u(0.40, 0.44),
+        lung_cy=lung_cy,
+        lung_rx=u(0.36, 0.40),
+        lung_ry=lung_ry,
+        heart_cx=u(0.06, 0.12),
+        heart_cy=lung_cy + lung_ry * 0.58,
+        heart_rx=u(0.32, 0.37),
+        heart_ry=heart_ry,
+        dome=u(0.06, 0.12),
+        rib_spacing=u(0.12, 0.145),
+        rib_phase=u(0.0, 1.0),
+        tissue=u(0.5, 0.6),
     )
 
 
@@ -319,8 +392,9 @@ def _sample_cues(rng: np.random.Generator, pool: tuple[str, ...], k: int) -> lis
 def _note(rng: np.random.Generator, spec: ClassSpec, age: int, male: bool) -> str:
     """The clinical note: demographics, shuffled cues joined in varied ways, a request."""
     noun, adj = ("man", "male") if male else ("woman", "female")
-    demographics = _pick(rng, (f"{age}-year-old {noun}.", f"{age} year old {noun}.", f"{adj}, {age} years.",
-                               f"{adj} aged {age}."))
+    demographics = _pick(
+        rng, (f"{age}-year-old {noun}.", f"{age} year old {noun}.", f"{adj}, {age} years.", f"{adj} aged {age}.")
+    )
     if spec.note_cues:
         cues = _sample_cues(rng, spec.note_cues, _pick(rng, (1, 2, 2, 2, 3, 3)))
         cues += _sample_cues(rng, NONSPECIFIC_CUES, int(rng.integers(0, 2)))
@@ -353,34 +427,46 @@ def _lesion_sentence(rng: np.random.Generator, lesion: Lesion) -> str:
         texture = _pick(rng, ("patchy", "ill-defined"))
         density = "dense" if lesion.density > 0.85 else _pick(rng, ("faint", "hazy"))
         where = _zone_words(rng, lesion.zone)
-        return _pick(rng, (
-            f"there is {lesion.extent} {texture} {syn} in the {where}.",
-            f"{lesion.extent} area of {density} {syn} in the {where}.",
-            f"{density} {texture} {syn} is seen in the {where}, {lesion.extent} in extent.",
-        ))
+        return _pick(
+            rng,
+            (
+                f"there is {lesion.extent} {texture} {syn} in the {where}.",
+                f"{lesion.extent} area of {density} {syn} in the {where}.",
+                f"{density} {texture} {syn} is seen in the {where}, {lesion.extent} in extent.",
+            ),
+        )
     if lesion.kind == "nodule":
         syn = _pick(rng, ("pulmonary nodule", "nodule", "rounded opacity", "nodular opacity"))
         margin = _pick(rng, ("well-defined", "well-circumscribed", "smooth"))
         where, size = _zone_words(rng, lesion.zone), f"{lesion.measure:.1f} cm"
-        return _pick(rng, (
-            f"there is a {size} {margin} {syn} in the {where}.",
-            f"a {margin} {syn} measuring {size} is seen in the {where}.",
-            f"{size} {syn} of soft tissue density in the {where}.",
-        ))
+        return _pick(
+            rng,
+            (
+                f"there is a {size} {margin} {syn} in the {where}.",
+                f"a {margin} {syn} measuring {size} is seen in the {where}.",
+                f"{size} {syn} of soft tissue density in the {where}.",
+            ),
+        )
     if lesion.kind == "effusion":
         side = lesion.zone.split()[0]
-        return _pick(rng, (
-            f"{lesion.extent} {side} pleural effusion with a meniscus.",
-            f"blunting of the {side} costophrenic angle in keeping with a {lesion.extent} pleural effusion.",
-            f"{lesion.extent} pleural effusion at the {side} base.",
-            f"there is a {lesion.extent} {side} effusion.",
-        ))
-    return _pick(rng, (
-        "the cardiac silhouette is enlarged.",
-        f"cardiomegaly with a cardiothoracic ratio of {lesion.measure:.2f}.",
-        f"the heart is enlarged, cardiothoracic ratio {lesion.measure:.2f}.",
-        "enlarged cardiac silhouette.",
-    ))
+        return _pick(
+            rng,
+            (
+                f"{lesion.extent} {side} pleural effusion with a meniscus.",
+                f"blunting of the {side} costophrenic angle in keeping with a {lesion.extent} pleural effusion.",
+                f"{lesion.extent} pleural effusion at the {side} base.",
+                f"there is a {lesion.extent} {side} effusion.",
+            ),
+        )
+    return _pick(
+        rng,
+        (
+            "the cardiac silhouette is enlarged.",
+            f"cardiomegaly with a cardiothoracic ratio of {lesion.measure:.2f}.",
+            f"the heart is enlarged, cardiothoracic ratio {lesion.measure:.2f}.",
+            "enlarged cardiac silhouette.",
+        ),
+    )
 
 
 def _findings(rng: np.random.Generator, lesion: Lesion | None) -> tuple[str, frozenset[tuple[str, str]]]:
@@ -394,8 +480,15 @@ def _findings(rng: np.random.Generator, lesion: Lesion | None) -> tuple[str, fro
         negations.append("no pleural effusion or pneumothorax.")
     negations = [negations[i] for i in rng.permutation(len(negations))]
     if lesion is None:
-        opener = _pick(rng, ("the lungs are clear.", "clear lungs.", "no acute cardiopulmonary abnormality.",
-                             "normal chest radiograph."))
+        opener = _pick(
+            rng,
+            (
+                "the lungs are clear.",
+                "clear lungs.",
+                "no acute cardiopulmonary abnormality.",
+                "normal chest radiograph.",
+            ),
+        )
         return " ".join([opener, *negations]), frozenset({(NORMAL, "")})
     parts = [_lesion_sentence(rng, lesion), *negations]
     if lesion.kind != "consolidation" and rng.random() < 0.4:
@@ -447,8 +540,20 @@ def _studies(cfg: SynthConfig, specs: list[ClassSpec]) -> Iterator[Study]:
         nrng = _rng(cfg, _NOISE, index)
         if nrng.random() < cfg.label_noise:
             label = (class_index + 1 + int(nrng.integers(len(specs) - 1))) % len(specs)
-        yield Study(index, f"P{patient:06d}", class_index, label, anatomy, pose, exposure, noise_seed,
-                    lesion, report, findings, intended)
+        yield Study(
+            index,
+            f"P{patient:06d}",
+            class_index,
+            label,
+            anatomy,
+            pose,
+            exposure,
+            noise_seed,
+            lesion,
+            report,
+            findings,
+            intended,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,8 +735,9 @@ def _samples(plan: Iterator[Study], size: int) -> Iterator[Sample]:
 # Parsing findings back into (finding, zone) pairs
 # --------------------------------------------------------------------------------------------
 
-_MENTION = re.compile("|".join(f"(?P<{name}>{'|'.join(sorted(syns, key=len, reverse=True))})"
-                               for name, syns in FINDING_SYNONYMS.items()))
+_MENTION = re.compile(
+    "|".join(f"(?P<{name}>{'|'.join(sorted(syns, key=len, reverse=True))})" for name, syns in FINDING_SYNONYMS.items())
+)
 _NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of|absence of)\b")
 _CLAUSE = re.compile(r"[,;:]|\bbut\b|\bhowever\b|\balthough\b")
 _LUNG_ZONE = re.compile(

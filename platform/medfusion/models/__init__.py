@@ -1,6 +1,8 @@
 """The MedFusion model (arXiv 2405.17459): encoders, fusion, heads, and the registry of variants.
 
-Imports torch and nothing heavier; building a model does no I/O.
+Imports torch and nothing heavier; building a model does no I/O. Library layer: everything above
+may import it (`build_model`, `create_model` and the module classes are its public names); it imports
+only `medfusion.config` and `medfusion.loader`.
 """
 
 from medfusion.models.boxes import cxcywh_to_xyxy, paired_giou, paired_iou, xyxy_to_cxcywh

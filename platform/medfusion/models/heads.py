@@ -106,14 +106,23 @@ class BoxRefiner(nn.Module):
         self.steps, self.window = steps, window
         wide = 2 * channels
         self.net = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GroupNorm(8, channels), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, wide, 3, stride=2, padding=1), nn.GroupNorm(8, wide), nn.ReLU(inplace=True),
-            nn.Conv2d(wide, wide, 3, stride=2, padding=1), nn.GroupNorm(8, wide), nn.ReLU(inplace=True),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.GroupNorm(8, channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+            nn.GroupNorm(8, channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, wide, 3, stride=2, padding=1),
+            nn.GroupNorm(8, wide),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(wide, wide, 3, stride=2, padding=1),
+            nn.GroupNorm(8, wide),
+            nn.ReLU(inplace=True),
             nn.Flatten(),
-            nn.Linear(wide * math.ceil(window / 8) ** 2, 64), nn.ReLU(inplace=True),
+            nn.Linear(wide * math.ceil(window / 8) ** 2, 64),
+            nn.ReLU(inplace=True),
             nn.Linear(64, 4),
-        )  # fmt: skip
+        )
         last = self.net[-1]
         nn.init.normal_(last.weight, std=1e-3)  # start as the identity: the refiner first does no harm
         nn.init.zeros_(last.bias)
@@ -135,12 +144,15 @@ class BoxRefiner(nn.Module):
         grid = F.affine_grid(theta, [len(box), 1, self.window, self.window], align_corners=False)
         crop = F.grid_sample(grey, grid, align_corners=False, padding_mode="border")
         shift_x, shift_y, scale_w, scale_h = self.net(crop).unbind(-1)
-        return torch.stack([
-            (cx + shift_x * span_x).clamp(0.0, 1.0),
-            (cy + shift_y * span_y).clamp(0.0, 1.0),
-            (w * scale_w.clamp(-3.0, 3.0).exp()).clamp(1e-4, 1.0),
-            (h * scale_h.clamp(-3.0, 3.0).exp()).clamp(1e-4, 1.0),
-        ], dim=-1)  # fmt: skip
+        return torch.stack(
+            [
+                (cx + shift_x * span_x).clamp(0.0, 1.0),
+                (cy + shift_y * span_y).clamp(0.0, 1.0),
+                (w * scale_w.clamp(-3.0, 3.0).exp()).clamp(1e-4, 1.0),
+                (h * scale_h.clamp(-3.0, 3.0).exp()).clamp(1e-4, 1.0),
+            ],
+            dim=-1,
+        )
 
 
 def classification_loss(logits: Tensor, labels: Tensor, multi_label: bool) -> Tensor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from medfusion.config import ModelConfig, load_config, preset_values
+from medfusion.config import ModelConfig
+from medfusion.loader import load_config, preset_values
 from medfusion.models.model import MedFusionModel, build_model
 
 ModelFactory = Callable[..., MedFusionModel]

@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -68,57 +68,59 @@ def device_for(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _float_outputs(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    # Losses in fp32 whatever the compute precision: bf16 cross-entropy and GIoU lose too much.
+def float_outputs(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Floating model outputs in fp32 (integer ones as they are).
+
+    Losses are computed in fp32 whatever the compute precision: bf16 cross-entropy and GIoU lose too much.
+    """
     return {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
 
 
 def _cpu_fp32(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     # Floating tensors to fp32 (bf16/fp16 training); integer buffers (BatchNorm counters) stay as they are.
-    return {k: (v.detach().float() if torch.is_floating_point(v) else v.detach()).cpu().clone() for k, v in state.items()}
+    return {
+        k: (v.detach().float() if torch.is_floating_point(v) else v.detach()).cpu().clone() for k, v in state.items()
+    }
 
 
-class Engine:
-    """What the training loop needs from a strategy."""
+class Engine(Protocol):
+    """What the training loop needs from a strategy (DeepSpeedEngine and DDPEngine have it)."""
 
     module: MedFusionModel
+    """The bare model (unwrapped), for its loss and decoder."""
     device: torch.device
 
     @property
     def global_step(self) -> int:
         """Optimizer steps taken (restored by `load`)."""
-        raise NotImplementedError
 
     @property
     def lr(self) -> float:
-        raise NotImplementedError
+        """The current learning rate."""
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Forward and backward of one micro-batch; an optimizer step at each accumulation boundary.
         Returns the detached loss parts."""
-        raise NotImplementedError
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Outputs in fp32 (call under torch.no_grad() for validation)."""
-        raise NotImplementedError
 
     def train(self, mode: bool = True) -> None:
-        raise NotImplementedError
+        """Training mode on or off (dropout, modality dropout)."""
 
     def save(self, folder: str, client_state: dict[str, Any]) -> None:
         """Write this rank's part of the checkpoint under `folder` (every rank calls it)."""
-        raise NotImplementedError
 
     def load(self, folder: str) -> dict[str, Any]:
         """Restore weights, optimizer, schedule and step from `folder`; return the client state."""
-        raise NotImplementedError
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The whole model's weights on CPU in fp32. A collective under ZeRO-3: every rank calls it."""
-        raise NotImplementedError
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine:
+    """DeepSpeed's engine (ZeRO stage from the config) behind the Engine interface."""
+
     def __init__(self, model: MedFusionModel, cfg: TrainConfig, total_steps: int) -> None:
         import deepspeed
 
@@ -166,7 +168,7 @@ class DeepSpeedEngine(Engine):
         self.engine.train(mode)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _float_outputs(self.engine(batch))
+        return float_outputs(self.engine(batch))
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         tensors = to_tensors(batch, self.device)
@@ -193,7 +195,9 @@ class DeepSpeedEngine(Engine):
             return _cpu_fp32(self.module.state_dict())
 
 
-class DDPEngine(Engine):
+class DDPEngine:
+    """PyTorch DDP (through Ray Train's prepare_model) behind the Engine interface."""
+
     def __init__(self, model: MedFusionModel, cfg: TrainConfig, total_steps: int) -> None:
         import ray.train.torch
 
@@ -227,7 +231,7 @@ class DDPEngine(Engine):
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         with self._autocast():
-            return _float_outputs(self.wrapped(batch))
+            return float_outputs(self.wrapped(batch))
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         tensors = to_tensors(batch, self.device)

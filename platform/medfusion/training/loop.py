@@ -9,6 +9,9 @@ epoch's model, and reports metrics with a checkpoint each epoch:
     <run>/checkpoint_epochNNNN/train_state.json    epoch, step, best metric, history (rank 0)
     <run>/model/                                   export of the best epoch (medfusion.export)
 
+The driver (medfusion.training.run) hands every worker a `TrainJob`, as a plain dict because that is
+what Ray Train's `train_loop_config` carries.
+
 On start it resumes from `ray.train.get_checkpoint()`: the newest checkpoint of this run, whether
 the worker group was restarted after a crash (FailureConfig) or the run was started again with the
 same name (`--resume`). An epoch interrupted by a crash is run again from its start, so the final
@@ -24,6 +27,7 @@ import signal
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +35,8 @@ import numpy as np
 import torch
 
 from medfusion import storage
-from medfusion.config import ObjectiveConfig, TrainConfig, load_config
+from medfusion.config import ObjectiveConfig, TrainConfig
+from medfusion.loader import load_config
 from medfusion.training.engine import Engine, build_engine
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -43,6 +48,37 @@ STATE_KEY = "medfusion"  # our part of the engine checkpoint's client state
 
 def checkpoint_name(epoch: int) -> str:
     return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+@dataclass
+class TrainJob:
+    """What the driver hands every worker of one run."""
+
+    train: dict[str, Any]
+    """The TrainConfig as a dict (medfusion.loader.to_dict); each worker loads it back."""
+    run_uri: str
+    """The run folder <storage_uri>/<name>."""
+    steps_per_epoch: int
+    """Optimizer steps per epoch: the span of the learning-rate schedule is this times the epochs."""
+    micro_batches_per_epoch: int
+    """Micro-batches each worker runs per epoch (the same on every rank, so no collective waits)."""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    """medfusion.lineage record of the run, written into every export."""
+    objective: dict[str, Any] = field(default_factory=dict)
+    """ObjectiveConfig fields, the weights of val_objective (default weights when empty)."""
+    threads: int = 0
+    """torch threads per worker; 0: one per reserved CPU."""
+    bench: dict[str, int] | None = None
+    """Benchmark mode ({warmup_steps, steps}): one epoch of training only, the first warmup_steps untimed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as Ray Train's `train_loop_config` carries it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> TrainJob:
+        """The job back from a worker's `train_loop_config`."""
+        return cls(**config)
 
 
 @dataclass
@@ -65,8 +101,8 @@ class TrainingState:
         if self.best is None:
             return True
         if value == self.best and loss is not None and self.best_loss is not None:
-            # Accuracy saturates (0.9992 on 1309 images from the third epoch of the quality run on),
-            # while the boxes and the text still improve: the strict comparison kept the third epoch.
+            # Accuracy saturates early while the boxes and the text still improve: on a tie the
+            # lower val_loss marks the better model.
             return loss < self.best_loss
         return value < self.best if mode == "min" else value > self.best
 
@@ -92,9 +128,15 @@ def _world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+def _several_ranks() -> bool:
+    """Whether a process group of more than one rank is up (collectives are needed)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if _several_ranks():
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
@@ -117,13 +159,13 @@ def _inject_fault(cfg: TrainConfig, run_uri: str, step: int, rank: int, world: i
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _train_epoch(engine: Engine, cfg: TrainConfig, job: dict[str, Any], epoch: int) -> dict[str, float]:
+def _train_epoch(engine: Engine, cfg: TrainConfig, job: TrainJob, epoch: int) -> dict[str, float]:
     """One pass over this worker's shard (capped at `micro_batches`), timing the data wait."""
     import ray.train
 
     rank, world = _world()
-    micro_batches = job["micro_batches_per_epoch"]
-    bench = job.get("bench")
+    micro_batches = job.micro_batches_per_epoch
+    bench = job.bench
     sync = engine.device.type == "cuda" and bench is not None
     warmup = bench["warmup_steps"] * cfg.grad_accum if bench else 0
     shard = ray.train.get_dataset_shard("train")
@@ -158,22 +200,29 @@ def _train_epoch(engine: Engine, cfg: TrainConfig, job: dict[str, Any], epoch: i
             data_wait += fetched - start
             step_time += done - start
         if (micro + 1) % cfg.grad_accum == 0:
-            _inject_fault(cfg, job["run_uri"], engine.global_step, rank, world)
+            _inject_fault(cfg, job.run_uri, engine.global_step, rank, world)
     totals = _all_reduce_sum([samples, *sums.values()], engine.device)
-    metrics = {f"train_{name}_loss" if name != "total" else "train_loss": v / max(totals[0], 1) for name, v in zip(sums, totals[1:])}
+    metrics = {
+        f"train_{name}_loss" if name != "total" else "train_loss": v / max(totals[0], 1)
+        for name, v in zip(sums, totals[1:], strict=True)
+    }
     metrics.update(
         samples_per_s=world * timed_samples / step_time if step_time else 0.0,  # all workers (equal shards)
         data_wait_share=data_wait / step_time if step_time else 0.0,
     )
     if bench is not None:
-        metrics.update(timed_samples=timed_samples, timed_s=step_time, data_wait_s=data_wait,
-                       peak_memory_mib=_peak_memory_mib(engine.device))
+        metrics.update(
+            timed_samples=timed_samples,
+            timed_s=step_time,
+            data_wait_s=data_wait,
+            peak_memory_mib=_peak_memory_mib(engine.device),
+        )
     return metrics
 
 
 def _all_gather(value: Any) -> list[Any]:
     """Every rank's `value` in rank order (just [value] on one worker)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if _several_ranks():
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, value)
         return gathered
@@ -218,13 +267,18 @@ def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: Objec
         iou = paired_iou(pred_box, tensors["box"][has_box].float())[0] if has_box.any() else torch.zeros(0)
         sums[len(names) :] += [size, float(correct.sum()), float(iou.sum()), float(has_box.sum())]
         ids = engine.module.decoder.greedy(
-            out["regions"].to(decoder_dtype), out["fused"].to(decoder_dtype), cfg.model.max_decode_len, early_exit=early_exit
+            out["regions"].to(decoder_dtype),
+            out["fused"].to(decoder_dtype),
+            cfg.model.max_decode_len,
+            early_exit=early_exit,
         )  # (B, max_len)
         generated += [tokenizer.decode(row) for row in ids.cpu().numpy()]
         references += [str(text) for text in batch["findings"]]
     totals = _all_reduce_sum(sums.tolist(), engine.device)
     n, correct, iou_sum, boxes = totals[len(names) :]
-    metrics = {"val_loss" if name == "total" else f"val_{name}_loss": totals[i] / max(n, 1) for i, name in enumerate(names)}
+    metrics = {
+        "val_loss" if name == "total" else f"val_{name}_loss": totals[i] / max(n, 1) for i, name in enumerate(names)
+    }
     metrics["val_accuracy"] = correct / max(n, 1)
     metrics["val_mean_iou"] = iou_sum / boxes if boxes else float("nan")
     ranks = _all_gather((probs, labels, generated, references))
@@ -236,12 +290,14 @@ def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: Objec
     else:
         metrics["val_auroc_macro"] = float("nan")
     metrics["val_bleu4"] = corpus_bleu([t for rank in ranks for t in rank[2]], [t for rank in ranks for t in rank[3]])
-    metrics["val_objective"] = objective_value(metrics, objective.weights, objective.classification_metric, prefix="val_")
+    metrics["val_objective"] = objective_value(
+        metrics, objective.weights, objective.classification_metric, prefix="val_"
+    )
     metrics["val_samples"] = n
     return metrics
 
 
-def _export_best(engine: Engine, cfg: TrainConfig, job: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
+def _export_best(engine: Engine, cfg: TrainConfig, job: TrainJob, metrics: dict[str, float], rank: int) -> None:
     """Export the current weights as the run's best model (gathering ZeRO-3 shards on every rank)."""
     from medfusion.data.dataset import open_dataset
     from medfusion.export import export_model
@@ -255,12 +311,12 @@ def _export_best(engine: Engine, cfg: TrainConfig, job: dict[str, Any], metrics:
     model.load_state_dict(state)
     export_model(
         model.eval(),
-        storage.join(job["run_uri"], EXPORT_DIR),
+        storage.join(job.run_uri, EXPORT_DIR),
         tokenizer=info.tokenizer,
         classes=info.classes,
         data_settings=cfg.data,
         metrics=metrics,
-        lineage={**job["lineage"], "epoch": metrics["epoch"], "global_step": metrics["global_step"]},
+        lineage={**job.lineage, "epoch": metrics["epoch"], "global_step": metrics["global_step"]},
     )
 
 
@@ -283,27 +339,34 @@ def _report(engine: Engine, state: TrainingState, metrics: dict[str, float], ran
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
-def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train worker function. `job`: train (TrainConfig as a dict), run_uri, lineage,
-    micro_batches_per_epoch, steps_per_epoch, optionally objective (ObjectiveConfig as a dict, the
-    weights of val_objective) and for benchmarks `bench` {warmup_steps, steps}."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train worker function.
+
+    Args:
+        config: a `TrainJob` as a dict (`TrainJob.to_dict`).
+
+    Returns:
+        History, step count, best epoch and early-stop flag of the run (what rank 0's return value
+        gives the driver); in benchmark mode the timed metrics of the one epoch.
+    """
     import ray.train
 
     from medfusion.data.dataset import open_dataset
     from medfusion.models import build_model
 
-    cfg = load_config(TrainConfig, base=job["train"])
-    objective = load_config(ObjectiveConfig, base=job.get("objective") or {})
+    job = TrainJob.from_dict(config)
+    cfg = load_config(TrainConfig, base=job.train)
+    objective = load_config(ObjectiveConfig, base=job.objective)
     # Ray Data hands out read-only views of its object store, which torch warns about once per
     # worker; the model never writes to its inputs.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     rank, world = _world()
-    torch.set_num_threads(job.get("threads") or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(job.threads or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     info = open_dataset(cfg.dataset_uri)
     model = build_model(cfg.model, len(info.tokenizer), len(info.classes))
-    engine = build_engine(model, cfg, total_steps=job["steps_per_epoch"] * cfg.epochs)
-    bench = job.get("bench")
+    engine = build_engine(model, cfg, total_steps=job.steps_per_epoch * cfg.epochs)
+    bench = job.bench
 
     state = TrainingState()
     checkpoint = None if bench else ray.train.get_checkpoint()
@@ -338,7 +401,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         _report(engine, state, metrics, rank)
         if state.stopped_early:
             if rank == 0:
-                print(f"[medfusion] early stop: no {cfg.select_metric} improvement in {cfg.patience} epochs", flush=True)
+                print(
+                    f"[medfusion] early stop: no {cfg.select_metric} improvement in {cfg.patience} epochs", flush=True
+                )
             break
     return {
         "history": state.history,

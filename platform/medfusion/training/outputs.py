@@ -46,8 +46,11 @@ def evaluate_on_test(cfg: TrainConfig, model_uri: str, output_uri: str) -> tuple
 
     result = run_evaluate(
         EvaluateConfig(
-            model_uri=model_uri, data_uri=cfg.dataset_uri, split="test", output_uri=output_uri,
+            model_uri=model_uri,
+            data_uri=cfg.dataset_uri,
+            split="test",
+            output_uri=output_uri,
             batch_size=cfg.data.batch_size,
-        )  # fmt: skip
+        )
     )
     return dict(result.metrics), result.output_uri

@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from medfusion.config import ConfigError, TrainConfig, _merge, load_config, to_dict
+from medfusion.config import ConfigError, TrainConfig
+from medfusion.loader import load_config, merge, to_dict
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
 # Settings a search space may not vary, and why.
@@ -58,7 +59,12 @@ NOT_TRAIN_SETTINGS = {
     "data": "set data.* at the top level of the tune config",
 }
 # A trial's training defaults where they differ from `medfusion train`'s (train.* overrides them).
-TRIAL_DEFAULTS: dict[str, Any] = {"evaluate": False, "patience": 0, "select_metric": "val_objective", "keep_checkpoints": 1}
+TRIAL_DEFAULTS: dict[str, Any] = {
+    "evaluate": False,
+    "patience": 0,
+    "select_metric": "val_objective",
+    "keep_checkpoints": 1,
+}
 MAX_COMBINATIONS = 4096
 SCALARS = (str, int, float, bool, type(None))
 
@@ -73,11 +79,6 @@ class Dimension:
     """choice, uniform, loguniform or randint."""
     values: tuple[Any, ...]
     """The choices, or (low, high)."""
-
-    @property
-    def candidates(self) -> tuple[Any, ...]:
-        """Values that must each make a valid config: every choice, or both ends of the range."""
-        return self.values
 
     @property
     def encoded(self) -> bool:
@@ -143,7 +144,7 @@ def _suggest(key: str, known: list[str]) -> str:
 
 
 def assign(values: Mapping[str, Any], assignment: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of nested config `values` with dotted `assignment` keys set (``model.fusion`` -> values[model][fusion])."""
+    """A copy of nested config `values` with dotted `assignment` keys set (``model.fusion`` -> [model][fusion])."""
     out = copy.deepcopy(dict(values))
     for key, value in assignment.items():
         node = out
@@ -162,7 +163,7 @@ def trial_config(base: Mapping[str, Any], assignment: Mapping[str, Any] | None =
 def trial_values(cfg: Any) -> dict[str, Any]:
     """What every trial of the TuneConfig `cfg` starts from (TrainConfig fields as plain values):
     tune's trial defaults <- cfg.train <- cfg.model, cfg.data and cfg.dataset_uri."""
-    values = _merge(dict(TRIAL_DEFAULTS), dict(cfg.train))
+    values = merge(dict(TRIAL_DEFAULTS), dict(cfg.train))
     values.update(model=to_dict(cfg.model), data=to_dict(cfg.data), dataset_uri=cfg.dataset_uri)
     return values
 
@@ -189,7 +190,8 @@ def _dimension(key: str, spec: Any, tp: Any, grid: bool) -> Dimension:
         spec = {"choice": list(spec)}
     if not isinstance(spec, Mapping) or len(spec) != 1:
         raise ConfigError(
-            f"search_space.{key}: expected one of {{{', '.join(f'{d}: ...' for d in DOMAINS)}}} or a list of choices, got {spec!r}"
+            f"search_space.{key}: expected one of {{{', '.join(f'{d}: ...' for d in DOMAINS)}}} "
+            f"or a list of choices, got {spec!r}"
         )
     ((domain, args),) = spec.items()
     if domain not in DOMAINS:
@@ -209,7 +211,9 @@ def _dimension(key: str, spec: Any, tp: Any, grid: bool) -> Dimension:
         raise ConfigError(f"search_space.{key}: {domain} draws real numbers but {key} is {kind} setting; use {hint}")
     if domain == "randint":
         if origin not in (int, float):
-            raise ConfigError(f"search_space.{key}: randint draws integers but {key} is not a number setting; use choice")
+            raise ConfigError(
+                f"search_space.{key}: randint draws integers but {key} is not a number setting; use choice"
+            )
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in args):
             raise ConfigError(f"search_space.{key}: randint bounds must be integers, got {list(args)}")
         low, high = args
@@ -225,20 +229,24 @@ def _dimension(key: str, spec: Any, tp: Any, grid: bool) -> Dimension:
 def _check_candidates(dims: list[Dimension], base: Mapping[str, Any]) -> None:
     """Each candidate value alone, then every combination (when there are not too many)."""
     for dim in dims:
-        for value in dim.candidates:
+        for value in dim.values:
             try:
                 trial_config(base, {dim.key: value})
             except ConfigError as err:
-                raise ConfigError(f"search_space.{dim.key}: {value!r} does not make a valid trial config ({err})") from None
-    if len(dims) < 2 or math.prod(len(d.candidates) for d in dims) > MAX_COMBINATIONS:
+                raise ConfigError(
+                    f"search_space.{dim.key}: {value!r} does not make a valid trial config ({err})"
+                ) from None
+    if len(dims) < 2 or math.prod(len(d.values) for d in dims) > MAX_COMBINATIONS:
         return
-    for combo in itertools.product(*(d.candidates for d in dims)):
+    for combo in itertools.product(*(d.values for d in dims)):
         assignment = dict(zip((d.key for d in dims), combo))
         try:
             trial_config(base, assignment)
         except ConfigError as err:
             together = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
-            raise ConfigError(f"search_space: the combination {together} does not make a valid trial config ({err})") from None
+            raise ConfigError(
+                f"search_space: the combination {together} does not make a valid trial config ({err})"
+            ) from None
 
 
 def flatten_space(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -288,9 +296,13 @@ def parse_search_space(raw: Mapping[str, Any], base: Mapping[str, Any], *, grid:
     return dims
 
 
-def check_tune_config(cfg: Any) -> None:
-    """What TuneConfig.__post_init__ cannot check field by field: the `train` section (coerced in
-    place to typed values), ASHA's grace period against train.epochs, and the inline search space."""
+def check_tune_config(cfg: Any) -> dict[str, Any]:
+    """What TuneConfig.__post_init__ cannot check field by field: the `train` section, ASHA's grace
+    period against train.epochs, and the inline search space.
+
+    Returns:
+        The `train` section with each value coerced to its TrainConfig type.
+    """
     known = settings()
     train_fields = sorted(k for k in known if "." not in k and k not in NOT_TRAIN_SETTINGS)
     for key in cfg.train:
@@ -304,12 +316,14 @@ def check_tune_config(cfg: Any) -> None:
     except ConfigError as err:
         message = str(err)
         raise ConfigError(message if message.startswith(("model.", "data.")) else f"train.{message}") from None
-    cfg.train = {key: getattr(base, key) for key in cfg.train}  # dotted overrides arrive as strings
+    train = {key: getattr(base, key) for key in cfg.train}
+    values.update(train)
     if cfg.scheduler == "asha":
         if cfg.grace_period > base.epochs:
             raise ConfigError(f"grace_period: must be <= train.epochs ({base.epochs}), got {cfg.grace_period}")
     if cfg.search_space:
-        parse_search_space(cfg.search_space, trial_values(cfg), grid=cfg.search == "grid")
+        parse_search_space(cfg.search_space, values, grid=cfg.search == "grid")
+    return train
 
 
 def packaged_search_spaces() -> list[str]:
@@ -328,8 +342,6 @@ def _search_space_text(uri: str) -> str:
 
 def read_search_space(cfg: Any) -> dict[str, Any]:
     """The sweep's search space: search_space_file (YAML, path or s3://) with search_space on top."""
-    from medfusion import storage
-
     raw: dict[str, Any] = {}
     if cfg.search_space_file:
         try:
@@ -343,7 +355,9 @@ def read_search_space(cfg: Any) -> dict[str, Any]:
         raw = {canonical_key(k): v for k, v in flatten_space(loaded).items()}
     raw.update({canonical_key(k): v for k, v in flatten_space(cfg.search_space).items()})
     if not raw:
-        raise ConfigError("search_space: empty; give search_space or search_space_file (e.g. model.fusion: [concat, gated])")
+        raise ConfigError(
+            "search_space: empty; give search_space or search_space_file (e.g. model.fusion: [concat, gated])"
+        )
     return raw
 
 

@@ -3,7 +3,7 @@ what the trials reported.
 
 `train_trial` is the Tune function trainable (Ray 2.60 / Train V2, as Ray's "Hyperparameter Tuning
 with Ray Tune" guide does it): it builds the run's TorchTrainer with the code `medfusion train` runs
-(medfusion.train.train_here) and passes ``ray.tune.integration.ray_train.TuneReportCallback()`` to
+(medfusion.training.run.train_here) and passes ``ray.tune.integration.ray_train.TuneReportCallback()`` to
 it, so each epoch's ``ray.train.report`` (validation metrics, ``val_objective``) reaches Tune and ASHA
 can stop the trial. The run is named after the trial id, so a retried or resumed trial continues
 its own run from its newest checkpoint.
@@ -16,14 +16,15 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from medfusion import storage
-from medfusion.config import TrainConfig, TuneConfig, to_dict
-from medfusion.train import WORKER_MEMORY_PLACEHOLDER
+from medfusion.config import TrainConfig
+from medfusion.loader import to_dict
+from medfusion.training.runtime import WORKER_MEMORY_PLACEHOLDER
 from medfusion.tuning import results as R
+from medfusion.tuning.config import TuneConfig
 from medfusion.tuning.space import Dimension, assignment_of, param_space, trial_config
 
 TRIALS_DIR = "trials"
@@ -52,7 +53,8 @@ def train_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from medfusion.train import CONFIG_FILE, train_here
+    from medfusion.training.run import train_here
+    from medfusion.training.rundir import CONFIG_FILE
 
     trial_id = ray.tune.get_context().get_trial_id()
     assignment = assignment_of(dims or [], config)
@@ -65,16 +67,17 @@ def train_trial(
     resume = run_uri if storage.exists(storage.join(run_uri, CONFIG_FILE)) else ""
     cfg = trial_config(base or {}, {**assignment, "storage_uri": runs_uri, "name": name, "resume": resume})
     started = datetime.now(timezone.utc)
+    attempt = {"trial_id": trial_id, "started": started.isoformat(), "resumed_from_checkpoint": bool(resume)}
     storage.write_text(
         storage.join(run_uri, ATTEMPTS_DIR, f"{started:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:6]}.json"),
-        json.dumps({"trial_id": trial_id, "started": started.isoformat(), "resumed_from_checkpoint": bool(resume),
-                    "assignment": assignment}, default=str),  # fmt: skip
+        json.dumps({**attempt, "assignment": assignment}, default=str),
     )
     print(f"[medfusion] trial {trial_id} ({name}): " + ", ".join(f"{k}={v}" for k, v in assignment.items()), flush=True)
     train_here(cfg, callbacks=[TuneReportCallback()], objective=objective)
 
 
 def trial_dirname(trial: Any) -> str:
+    """Tune's folder for a trial, named by the trial id alone, as its run folder under trials/ is."""
     return trial.trial_id
 
 
@@ -117,7 +120,7 @@ def start_ray(cfg: TuneConfig, trial: TrainConfig) -> bool:
     import ray
 
     from medfusion.data.dataset import quiet_ray_data
-    from medfusion.train import ensure_ray
+    from medfusion.training.runtime import ensure_ray
 
     concurrency = cfg.max_concurrent_trials or 1
     started = ensure_ray(trial, dashboard=True, cpus=concurrency * trial_resources(cfg, trial)["CPU"])
@@ -173,7 +176,8 @@ def run_experiment(
     fs, root = storage.filesystem(sweep_uri) if storage.is_s3(sweep_uri) else (None, sweep_uri)
     path = f"{root}/{tune_dir}" if fs is not None else os.path.join(root, tune_dir)
     # A trial's resources cannot be empty: with no CPU reserved, a little memory stands in.
-    trainable = tune.with_resources(trainable, {"cpu": cfg.trial_cpus} if cfg.trial_cpus else {"cpu": 0, "memory": WORKER_MEMORY_PLACEHOLDER})
+    resources = {"cpu": cfg.trial_cpus} if cfg.trial_cpus else {"cpu": 0, "memory": WORKER_MEMORY_PLACEHOLDER}
+    trainable = tune.with_resources(trainable, resources)
     if cfg.resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[medfusion] resuming {storage.join(sweep_uri, tune_dir)}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
@@ -182,21 +186,32 @@ def run_experiment(
         # Rungs only before the last epoch, and no stop at max_t: a trial that reaches its last epoch
         # finishes and writes its run outputs (metrics.json, curves) instead of being cut off.
         schedule = ASHAScheduler(
-            time_attr="training_iteration", max_t=max(cfg.grace_period, trial.epochs - 1), grace_period=cfg.grace_period,
-            reduction_factor=cfg.reduction_factor, stop_last_trials=False,
-        )  # fmt: skip
+            time_attr="training_iteration",
+            max_t=max(cfg.grace_period, trial.epochs - 1),
+            grace_period=cfg.grace_period,
+            reduction_factor=cfg.reduction_factor,
+            stop_last_trials=False,
+        )
     else:
         schedule = FIFOScheduler()
     searcher = searcher_for(search, cfg.search_seed)
     if search in ("random", "grid") or searcher is None:
         from ray.tune.search import BasicVariantGenerator
 
+        # Tune ignores max_concurrent_trials for a generator that is not a Searcher: it bounds itself.
         searcher = BasicVariantGenerator(random_state=cfg.search_seed, max_concurrent=concurrency)
-        tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=schedule, search_alg=searcher,
-                                      num_samples=num_samples, trial_dirname_creator=trial_dirname)  # fmt: skip
+        limit = {}
     else:
-        tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=schedule, search_alg=searcher, num_samples=num_samples,
-                                      max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname)  # fmt: skip
+        limit = {"max_concurrent_trials": concurrency}
+    tune_config = tune.TuneConfig(
+        metric=METRIC,
+        mode=MODE,
+        scheduler=schedule,
+        search_alg=searcher,
+        num_samples=num_samples,
+        trial_dirname_creator=trial_dirname,
+        **limit,
+    )
     run_config = tune.RunConfig(
         name=tune_dir,
         storage_path=root,
@@ -205,7 +220,8 @@ def run_experiment(
         callbacks=[interrupt_callback(interrupt_after)] if interrupt_after else None,
     )
     grid = search == "grid"
-    tuner = tune.Tuner(trainable, param_space=param_space(dims, grid=grid), tune_config=tune_config, run_config=run_config)
+    space = param_space(dims, grid=grid)
+    tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     return tuner.fit()
 
 
@@ -216,7 +232,10 @@ def searcher_for(search: str, seed: int) -> Any:
     try:
         import optuna  # noqa: F401
     except ImportError:
-        print("[medfusion] warning: search=optuna but optuna is not installed; falling back to random search", file=sys.stderr)
+        print(
+            "[medfusion] warning: search=optuna but optuna is not installed; falling back to random search",
+            file=sys.stderr,
+        )
         return None
     from ray.tune.search.optuna import OptunaSearch
 
@@ -224,7 +243,11 @@ def searcher_for(search: str, seed: int) -> Any:
 
 
 def trainable_for(
-    dims: list[Dimension], base: dict[str, Any], runs_uri: str, cfg: TuneConfig, variants: dict[str, dict[str, Any]] | None = None
+    dims: list[Dimension],
+    base: dict[str, Any],
+    runs_uri: str,
+    cfg: TuneConfig,
+    variants: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
     """`train_trial` with everything but the searched values bound (put in Ray's object store once)."""
     from ray import tune
@@ -235,14 +258,13 @@ def trainable_for(
 
 
 def interrupted_message(cfg: TuneConfig, sweep_uri: str, what: str) -> str:
-    return (f"sweep {sweep_uri} interrupted ({what}); continue it with "
-            f"`medfusion tune --resume --name {cfg.name} storage_uri={cfg.storage_uri}`")  # fmt: skip
-
-
-VAL_KEYS = ("val_accuracy", "val_auroc_macro", "val_mean_iou", "val_bleu4", "val_loss")
+    """What SweepInterrupted says: what was left undone and the command that continues the sweep."""
+    resume = f"medfusion tune --resume --name {cfg.name} storage_uri={cfg.storage_uri}"
+    return f"sweep {sweep_uri} interrupted ({what}); continue it with `{resume}`"
 
 
 def task_keys(cfg: TuneConfig) -> list[str]:
+    """The validation names of the objective's three task metrics (the Pareto front's axes)."""
     from medfusion.metrics import task_metric_keys
 
     return list(task_metric_keys(cfg.objective.classification_metric, prefix="val_").values())
@@ -258,11 +280,13 @@ def _short_error(error: Any) -> str:
     return lines[-1].strip() if lines else type(error).__name__
 
 
-def trial_records(grid: Any, dims: list[Dimension], base: dict[str, Any], trial: TrainConfig, sweep_uri: str) -> list[dict[str, Any]]:
+def trial_records(
+    grid: Any, dims: list[Dimension], base: dict[str, Any], trial: TrainConfig, sweep_uri: str
+) -> list[R.TrialRecord]:
     """One leaderboard record per trial: its searched values and its best epoch's validation metrics."""
     from medfusion.export import CHECKSUMS_FILE
 
-    records = []
+    records: list[R.TrialRecord] = []
     runs_uri = storage.join(sweep_uri, TRIALS_DIR)
     for tune_trial, result in zip(tune_trials(grid), grid):
         params = assignment_of(dims, tune_trial.config)
@@ -278,32 +302,27 @@ def trial_records(grid: Any, dims: list[Dimension], base: dict[str, Any], trial:
             status = R.UNFINISHED
         run_uri = storage.join(runs_uri, tune_trial.trial_id)
         model_uri = storage.join(run_uri, "model")
-        checkpoint = next((row.get("checkpoint_path") for row in reversed(rows) if isinstance(row.get("checkpoint_path"), str)), "")
+        checkpoints = [row["checkpoint_path"] for row in rows if isinstance(row.get("checkpoint_path"), str)]
+        checkpoint = checkpoints[-1] if checkpoints else ""
         if checkpoint and storage.is_s3(sweep_uri) and not checkpoint.startswith("s3://"):
             checkpoint = "s3://" + checkpoint
-        record: dict[str, Any] = {
-            "trial_id": tune_trial.trial_id,
-            "status": status,
-            "fusion": params.get("model.fusion", base["model"]["fusion"]),
-            "params": params,
-            **{key: _number(best.get(key)) if best else None for key in VAL_KEYS},
-            "objective": _number(best.get(METRIC)) if best else None,
-            "best_epoch": int(best["epoch"]) if best and R.is_number(best.get("epoch")) else None,
-            "epochs_run": len(epochs),
-            "stopped_early": status == R.STOPPED,
-            "attempts": len(storage.list_files(storage.join(run_uri, ATTEMPTS_DIR))),
-            "run_uri": run_uri,
-            "model_uri": model_uri if storage.exists(storage.join(model_uri, CHECKSUMS_FILE)) else "",
-            "checkpoint_uri": checkpoint,
-            "error": _short_error(result.error) if result.error is not None else "",
-        }
+        record = R.TrialRecord(
+            trial_id=tune_trial.trial_id,
+            status=status,
+            fusion=params.get("model.fusion", base["model"]["fusion"]),
+            params=params,
+            **{key: _number(best.get(key)) if best else None for key in R.VAL_KEYS},
+            objective=_number(best.get(METRIC)) if best else None,
+            best_epoch=int(best["epoch"]) if best and R.is_number(best.get("epoch")) else None,
+            epochs_run=len(epochs),
+            attempts=len(storage.list_files(storage.join(run_uri, ATTEMPTS_DIR))),
+            run_uri=run_uri,
+            model_uri=model_uri if storage.exists(storage.join(model_uri, CHECKSUMS_FILE)) else "",
+            checkpoint_uri=checkpoint,
+            error=_short_error(result.error) if result.error is not None else "",
+        )
         records.append(record)
     return records
-
-
-def usable(record: Mapping[str, Any]) -> bool:
-    """A trial that can be the best: it succeeded, scored, and exported its best epoch."""
-    return record["status"] in R.SUCCESSFUL and record.get("objective") is not None and bool(record["model_uri"])
 
 
 def _number(value: Any) -> float | None:

@@ -1,0 +1,140 @@
+"""What a Serve application is configured with: the typed config, the model reference, the token, the
+deployment options and the init args of each deployment, and the settings the HTTP API enforces.
+
+Pure functions of a `ServeConfig`: nothing here imports Ray, FastAPI or torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from medfusion.config import ConfigError, ServeConfig, ServeLimitsConfig
+from medfusion.loader import load_config
+
+# Fields of ServeConfig the model replicas read: changing any other field (limits, auth...) does not
+# restart them.
+MODEL_FIELDS = ("device", "beam_size", "max_decode_len", "max_batch_size", "batch_wait_timeout_s", "torch_threads")
+
+
+def serve_config(args: ServeConfig | Mapping[str, Any] | None) -> ServeConfig:
+    """The typed config from what a Serve config file's ``args`` hold (a mapping) or a ServeConfig."""
+    if isinstance(args, ServeConfig):
+        return args
+    if args is not None and not isinstance(args, Mapping):
+        raise ConfigError(f"args: expected a mapping of ServeConfig fields, got {type(args).__name__}")
+    return load_config(ServeConfig, base=dict(args or {}))
+
+
+def _is_uri(model: str) -> bool:
+    return "://" in model or "/" in model or model.startswith(".") or os.path.exists(model)
+
+
+def resolve_served_model_uri(model: str, registry_uri: str = "") -> str:
+    """The export folder to load for `model`: itself when it is a path or URI, else a registry lookup.
+
+    What a ServeConfig's ``model`` may hold; `medfusion.registry.resolve_model_uri` resolves only the
+    registry half of it, from an already split name and version.
+
+    Args:
+        model: an export folder (local path, ``s3://...``), or ``NAME[:VERSION]`` (VERSION defaults to
+            ``latest``) resolved through ``medfusion.registry.resolve_model_uri``.
+        registry_uri: the registry root, for NAME[:VERSION].
+
+    Raises:
+        ConfigError: naming the field, when the reference cannot be resolved (an unknown name or
+            version lists the registered ones).
+    """
+    from medfusion import registry
+
+    model = model.strip()
+    if not model:
+        raise ConfigError("model: required: an export folder (path or s3://...) or NAME[:VERSION] from the registry")
+    if _is_uri(model):
+        return model
+    try:
+        name, version = registry.parse_ref(model)
+    except ConfigError as err:
+        expected = "neither an existing path, an s3:// URI nor NAME[:VERSION]"
+        raise ConfigError(f"model: {model!r} is {expected} ({err})") from None
+    if not registry_uri:
+        raise ConfigError(f"registry_uri: required to resolve the registry reference {model!r}")
+    return registry.resolve_model_uri(registry_uri, name, version)
+
+
+def read_token(env_name: str, token_file: str) -> str | None:
+    """The configured bearer token (file first, then the environment), or None when auth is off.
+
+    Raises:
+        ConfigError: a configured token file that is missing or empty (never serve open by mistake).
+    """
+    if token_file:
+        try:
+            token = open(token_file, encoding="utf-8").read().strip()  # noqa: SIM115 - tiny file
+        except OSError as err:
+            raise ConfigError(f"auth_token_file: cannot read {token_file} ({type(err).__name__})") from None
+        if not token:
+            raise ConfigError(f"auth_token_file: {token_file} is empty")
+        return token
+    token = os.environ.get(env_name, "").strip() if env_name else ""
+    return token or None
+
+
+def model_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve deployment options of the model deployment (a Serve config file's `deployments` override them)."""
+    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus}
+    if cfg.num_gpus:
+        actor["num_gpus"] = cfg.num_gpus
+    return {
+        "autoscaling_config": asdict(cfg.autoscaling),
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": {"retry_after_s": cfg.limits.retry_after_s},
+        "ray_actor_options": actor,
+    }
+
+
+def ingress_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve deployment options of the HTTP ingress.
+
+    Its proxy-side queue is as deep as one replica's capacity: requests wait there for a moment while
+    the router picks a replica even when replicas have room, so the model's (small) queue bound would
+    refuse bursts the ingress could take.
+    """
+    return {
+        "num_replicas": cfg.ingress_replicas,
+        "max_ongoing_requests": cfg.ingress_max_ongoing_requests,
+        "max_queued_requests": cfg.ingress_max_ongoing_requests,
+        "backpressure_config": {"retry_after_s": cfg.limits.retry_after_s},
+        "ray_actor_options": {"num_cpus": cfg.ingress_num_cpus},
+    }
+
+
+def model_args(cfg: ServeConfig) -> dict[str, Any]:
+    """Init args of a model replica: only what it reads, so that other changes do not restart it."""
+    return {**{k: getattr(cfg, k) for k in MODEL_FIELDS}, "max_pixels": cfg.limits.max_pixels}
+
+
+def ingress_args(cfg: ServeConfig) -> dict[str, Any]:
+    """Init args of an ingress replica: limits and where to read the token (never the token itself)."""
+    return {"limits": asdict(cfg.limits), "auth_token_env": cfg.auth_token_env, "auth_token_file": cfg.auth_token_file}
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What `create_api` enforces."""
+
+    limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
+    token: str | None = None
+    """The bearer token; None disables auth."""
+    echo_request_id: bool = True
+    """Add X-Request-ID to responses (off behind Serve, whose proxy already does)."""
+
+    @classmethod
+    def from_ingress_args(cls, args: Mapping[str, Any], echo_request_id: bool = False) -> ApiSettings:
+        """Settings from `ingress_args`, reading the token where the replica runs (env or mounted file)."""
+        limits = load_config(ServeLimitsConfig, base=dict(args.get("limits") or {}))
+        token = read_token(str(args.get("auth_token_env", "")), str(args.get("auth_token_file", "")))
+        return cls(limits=limits, token=token, echo_request_id=echo_request_id)

@@ -1,0 +1,251 @@
+"""One training run on the Ray this process is connected to (embedded when none), from a config
+whose run folder is fixed (medfusion.training.rundir.resolve_run) to its TrainResult.
+
+`plan_run` checks everything the config points at before any worker starts; `train_here` writes the
+config, hands a `TrainJob` to a Ray Train `TorchTrainer` (`build_trainer`, `fit`), then writes the
+run's outputs: metrics.json, the learning curves, the test evaluation and result.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from medfusion import storage
+from medfusion.config import ConfigError, TrainConfig
+from medfusion.loader import dump_yaml, to_dict
+from medfusion.training.rundir import (
+    CONFIG_FILE,
+    CURVES_FILE,
+    EVAL_DIR,
+    METRICS_FILE,
+    RESULT_FILE,
+    TrainResult,
+    check_run_folder,
+    run_uri_of,
+)
+from medfusion.training.runtime import ensure_ray, worker_env, worker_resources
+
+if TYPE_CHECKING:
+    from medfusion.data.dataset import DatasetInfo
+    from medfusion.training.loop import TrainJob
+
+
+@dataclass
+class RunPlan:
+    """What the driver works out before any worker starts."""
+
+    info: DatasetInfo
+    """The opened dataset."""
+    steps_per_epoch: int
+    """Optimizer steps per epoch (every worker runs the same number)."""
+    micro_batches_per_epoch: int
+    """Micro-batches per worker and epoch: steps_per_epoch times grad_accum."""
+
+
+def plan_run(cfg: TrainConfig) -> tuple[TrainConfig, RunPlan]:
+    """Check everything the config points at and complete it from the dataset.
+
+    Returns:
+        The config with model.multi_label from the dataset's manifest, and the run's plan.
+
+    Raises:
+        ConfigError: naming the field whose dataset or sizes do not work.
+    """
+    from medfusion.data.dataset import DatasetError, open_dataset
+
+    if not cfg.dataset_uri:
+        raise ConfigError("dataset_uri: required (a dataset root written by `medfusion data synth` or `data ingest`)")
+    try:
+        info = open_dataset(cfg.dataset_uri)
+    except (DatasetError, OSError) as err:
+        raise ConfigError(f"dataset_uri: {err}") from None
+    for split in ("train", "val"):
+        rows = info.rows(split) if split in info.manifest["splits"] else 0
+        if rows < cfg.num_workers:
+            raise ConfigError(
+                f"dataset_uri: split {split!r} of {cfg.dataset_uri} has {rows} rows, "
+                f"fewer than num_workers ({cfg.num_workers})"
+            )
+    # Ray Train splits each dataset into equal row counts per worker, so every rank runs the same
+    # number of steps (a collective with a missing rank would hang).
+    rows_per_worker = info.rows("train") // cfg.num_workers
+    steps = math.ceil(rows_per_worker / cfg.data.batch_size) // cfg.grad_accum
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps < 1:
+        raise ConfigError(
+            f"grad_accum: {cfg.grad_accum} micro-batches of {cfg.data.batch_size} per optimizer step, but each of the "
+            f"{cfg.num_workers} workers gets only {rows_per_worker} training rows per epoch"
+        )
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, multi_label=info.multi_label))
+    return cfg, RunPlan(info=info, steps_per_epoch=steps, micro_batches_per_epoch=steps * cfg.grad_accum)
+
+
+def train_here(
+    cfg: TrainConfig, *, callbacks: Sequence[Any] = (), objective: Mapping[str, Any] | None = None
+) -> TrainResult:
+    """Train into <storage_uri>/<name> on the Ray this process is connected to (embedded when none).
+
+    What run_train does once the run folder is fixed; a tune trial calls it with Tune's report callback
+    and the sweep's objective weights.
+
+    Args:
+        cfg: a config whose storage_uri and name are set.
+        callbacks: Ray Train callbacks of the run (e.g. ray.tune.integration.ray_train.TuneReportCallback).
+        objective: ObjectiveConfig fields, the weights of the per-epoch val_objective (default weights otherwise).
+
+    Raises:
+        ConfigError: the dataset or the run folder does not fit the config (before any worker starts).
+        RuntimeError: training failed after `max_failures` restarts.
+    """
+    from medfusion.lineage import build_lineage
+    from medfusion.training.loop import TrainJob
+
+    run_uri = run_uri_of(cfg)
+    cfg, plan = plan_run(cfg)
+    check_run_folder(cfg, run_uri)
+    storage.ensure_bucket(run_uri)
+    if not cfg.resume:
+        storage.write_text(storage.join(run_uri, CONFIG_FILE), dump_yaml(cfg))
+    lineage = build_lineage(
+        dataset_uri=cfg.dataset_uri,
+        dataset_version=plan.info.version,
+        config=to_dict(cfg),
+        seed=cfg.seed,
+        run_id=cfg.name,
+        run_uri=run_uri,
+    )
+    job = TrainJob(
+        train=to_dict(cfg),
+        run_uri=run_uri,
+        lineage=lineage,
+        steps_per_epoch=plan.steps_per_epoch,
+        micro_batches_per_epoch=plan.micro_batches_per_epoch,
+        objective=dict(objective or {}),
+    )
+    out = fit(cfg, plan.info, job, callbacks=callbacks)
+    test_rows = plan.info.rows("test") if "test" in plan.info.manifest["splits"] else 0
+    return _write_outputs(cfg, run_uri, out, test_rows)
+
+
+def build_trainer(cfg: TrainConfig, info: DatasetInfo, job: TrainJob, callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of one run: `train_loop_per_worker` on cfg.num_workers workers, streaming the
+    train (and val) split, checkpointing into <storage_uri>/<name>. Call `ensure_ray` first."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from medfusion.data.dataset import stream_split
+    from medfusion.training.loop import train_loop_per_worker
+
+    datasets = {"train": stream_split(info, "train", cfg.data, training=True, seed=cfg.seed)}
+    if not job.bench:
+        # The findings text rides along: validation scores the greedy findings with BLEU-4.
+        datasets["val"] = stream_split(info, "val", cfg.data, extra_columns=("findings",), concurrency=1)
+    if storage.is_s3(cfg.storage_uri):
+        fs, storage_path = storage.filesystem(cfg.storage_uri)
+    else:
+        fs, storage_path = None, cfg.storage_uri
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+    )
+
+
+def fit(cfg: TrainConfig, info: DatasetInfo, job: TrainJob, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the TorchTrainer of `job` (starting an embedded Ray for it when none is running).
+
+    Returns:
+        Rank 0's return value of the loop, plus ``checkpoint_uri``: the newest checkpoint.
+
+    Raises:
+        RuntimeError: training failed after `cfg.max_failures` restarts.
+    """
+    import ray.train
+
+    from medfusion.data.dataset import quiet_ray_data
+
+    started = ensure_ray(cfg)
+    quiet_ray_data()
+    try:
+        trainer = build_trainer(cfg, info, job, callbacks)
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise RuntimeError(f"training run {job.run_uri} failed: {err}") from err
+        out = dict(result.return_value or {})
+        out["checkpoint_uri"] = _checkpoint_uri(cfg, result)
+        return out
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _checkpoint_uri(cfg: TrainConfig, result: Any) -> str:
+    if result.checkpoint is None:
+        return ""
+    path = result.checkpoint.path
+    # Ray reports an S3 checkpoint by its path inside the bucket filesystem, without the scheme.
+    return f"s3://{path}" if storage.is_s3(cfg.storage_uri) else path
+
+
+def _write_outputs(cfg: TrainConfig, run_uri: str, out: dict[str, Any], test_rows: int) -> TrainResult:
+    """Evaluate the best model on the test split, plot the curves, write metrics.json and result.json."""
+    from medfusion.training.outputs import evaluate_on_test, plot_learning_curves
+
+    history = list(out.get("history", []))
+    model_uri = storage.join(run_uri, "model")
+    test_metrics: dict[str, float] = {}
+    evaluate_uri = ""
+    if cfg.evaluate and test_rows and storage.exists(model_uri):
+        test_metrics, evaluate_uri = evaluate_on_test(cfg, model_uri, storage.join(run_uri, EVAL_DIR))
+    curves_uri = plot_learning_curves(history, storage.join(run_uri, CURVES_FILE)) if history else ""
+    result = TrainResult(
+        run_uri=run_uri,
+        model_uri=model_uri,
+        metrics_uri=storage.join(run_uri, METRICS_FILE),
+        curves_uri=curves_uri,
+        checkpoint_uri=out.get("checkpoint_uri", ""),
+        best_epoch=int(out.get("best_epoch", -1)),
+        select_metric=cfg.select_metric,
+        best_value=out.get("best"),
+        epochs_run=int(out.get("epochs_run", 0)),
+        global_step=int(out.get("global_step", 0)),
+        stopped_early=bool(out.get("stopped_early", False)),
+        test_metrics=test_metrics,
+        evaluate_uri=evaluate_uri,
+        history=history,
+    )
+    metrics = {
+        "run_uri": run_uri,
+        "select_metric": cfg.select_metric,
+        "select_mode": cfg.mode,
+        "best_epoch": result.best_epoch,
+        "best": result.best_value,
+        "epochs_run": result.epochs_run,
+        "global_step": result.global_step,
+        "stopped_early": result.stopped_early,
+        "history": history,
+        "test": test_metrics,
+        "evaluate_uri": evaluate_uri,
+    }
+    storage.write_json(result.metrics_uri, metrics)
+    storage.write_json(storage.join(run_uri, RESULT_FILE), dataclasses.asdict(result))
+    return result
