@@ -9,12 +9,15 @@ deployment's name) that is both: the FastAPI app over its own batched model.
 
 `build_app` is what a Serve config file's ``import_path`` names (``medfusion.serve.app:build_app``,
 see ``serve/serve_config.yaml``); its ``args`` are the fields of ``medfusion.config.ServeConfig``.
-`serve_forever` runs it on the embedded Ray for ``medfusion serve``. All logic lives in
-``medfusion.serving``; the classes below only adapt it to Serve.
+`serve_forever` runs it on the embedded Ray for ``medfusion serve``. `proxy_callback` is what
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names so that Serve's HTTP proxy times out request
+headers (`medfusion.serving.header_timeout`). All logic lives in ``medfusion.serving``; the classes
+below only adapt it to Serve.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any
@@ -25,6 +28,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from medfusion.config import ServeConfig
+from medfusion.serving import header_timeout
 from medfusion.serving.api import create_api
 from medfusion.serving.runtime import BatchPacer, HandleBackend, ModelRunner, ServeMetrics
 from medfusion.serving.settings import (
@@ -41,6 +45,18 @@ from medfusion.serving.settings import (
 # `deployments` of a Serve config would read as if they were it.
 MODEL_DEPLOYMENT = "MedFusionDeployment"
 INGRESS_DEPLOYMENT = "MedFusionIngress"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "medfusion.serve.app:proxy_callback"
+
+
+def proxy_callback() -> list:
+    """Run by Serve in each HTTP proxy process when RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it.
+
+    Installs the request-header timeout (MEDFUSION_HEADER_TIMEOUT_S, default 10 s) into the proxy's
+    uvicorn, which has none of its own; adds no middleware.
+    """
+    header_timeout.install(header_timeout.timeout_from_env())
+    return []
 
 
 class _BatchedModel:
@@ -73,6 +89,14 @@ class _BatchedModel:
 
     async def ready(self) -> bool:
         return True  # a replica takes calls only once __init__ (the model load) has returned
+
+    def check_health(self) -> None:
+        """Serve's periodic health check (health_check_period_s): a replica whose model cannot answer
+        fails it, and Serve replaces the replica."""
+        self.runner.check_health()
+
+    async def readiness(self) -> str:
+        return "ready"  # the combined layout's API asks its own replica, which has loaded the model
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
@@ -159,6 +183,9 @@ def serve_forever(
     """
     started_ray = not ray.is_initialized()
     if started_ray:
+        # Serve's proxy reads the callback from the environment Ray starts with (a cluster sets it in
+        # its pods' environment).
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
         # address="local": the embedded Ray, never a cluster some `ray start` left on this machine.
         ray.init(address="local", include_dashboard=False, configure_logging=False)
     http_options: dict[str, Any] = {"host": host, "port": port}

@@ -154,7 +154,7 @@ def test_export_refuses_mismatched_metadata(setup, tmp_path):
         (b"this is not an image at all", None, "not a PNG, JPEG or DICOM"),
         (b"", None, "empty image"),
         (_png(64, 64)[:60], None, "cannot decode PNG"),
-        (dicom_file(None), None, "no pixel data"),
+        (dicom_file(shape=(40, 50)), None, "no pixel data"),
         (_png_header(8000, 6000), None, "exceeds the limit of 40000000 pixels"),
         (_png_header(0, 0), None, "cannot decode PNG"),
         ("aGVsbG8=", None, "must be encoded bytes"),

@@ -253,8 +253,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from medfusion.serve.app import serve_forever
+    from medfusion.serving.settings import check_auth
 
     cfg = _load(C.ServeConfig, args, {"model": args.model} if args.model else {})
+    # Before Ray starts: require_auth without a token is an error (exit 2), an empty token a warning.
+    check_auth(cfg, warn=lambda warning: print(f"medfusion: warning: {warning}", file=sys.stderr))
     _use_local_store_env(args.store_root)
     serve_forever(cfg, host=args.host, port=args.port, app_name=args.name, route_prefix=args.route_prefix)
     return 0
@@ -306,6 +309,7 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
         cookies=args.cookies,
         ssl_ca_cert=args.ssl_ca_cert,
         enable_caching=False if args.no_cache else None,
+        allow_embedded=args.allow_embedded,
     )
     print(f"submitted run {submitted.run_id}: {submitted.url}")
     return 0
@@ -529,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     psubmit.add_argument("--ssl-ca-cert", default="", help="CA bundle of the endpoint's TLS certificate")
     psubmit.add_argument("--no-cache", action="store_true", help="disable KFP's step caching for this run")
+    psubmit.add_argument(
+        "--allow-embedded",
+        action="store_true",
+        help="accept an empty ray_address: Ray Train runs inside each step's pod (small CPU runs only)",
+    )
     psubmit.set_defaults(func=cmd_pipeline_submit)
 
     from medfusion.registry import DEFAULT_REGISTRY_URI, REGISTRY_ENV

@@ -411,9 +411,13 @@ class ServeConfig:
     ingress_num_cpus: float = 0.0
     """CPUs reserved per ingress replica (it mostly waits on the model, like Serve's proxy, which reserves none)."""
     auth_token_env: str = SERVE_TOKEN_ENV
-    """Environment variable holding the bearer token; when it is set and not empty, /v1 requires it."""
+    """Environment variable holding the bearer token; when it is set and not empty, /v1 requires it (set but
+    empty: auth is off, with a warning)."""
     auth_token_file: str = ""
     """File holding the bearer token (e.g. a mounted Kubernetes secret); takes precedence over auth_token_env."""
+    require_auth: bool = False
+    """Refuse to start without a non-empty bearer token (from auth_token_file or auth_token_env) instead of
+    serving /v1 open: on in every checked-in deployment."""
     autoscaling: ServeAutoscalingConfig = field(default_factory=ServeAutoscalingConfig)
     """Autoscaling of the model deployment."""
     limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_files import dicom_file
+from dicom_files import deflate_bomb, dicom_file
 from medfusion.config import PrepareConfig
 from medfusion.data.images import decode_image, sniff_format
 from medfusion.data.ingest import IngestError, Rejection, open_source
@@ -513,3 +513,25 @@ def test_manifest_and_iu_xray_on_s3(tmp_path, iu_folder, s3_prefix):
     iu = open_source(iu_cfg(f"{s3_prefix}/iu"))
     assert sorted(s.sample_id for s in iu) == ["iu-1-1", "iu-3-1"]
     assert sorted(r.row for r in iu.rejected) == [3, 6, 7]
+
+
+def test_a_deflate_bomb_in_a_manifest_is_read_without_inflating_it(tmp_path):
+    import tracemalloc
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png())
+    # 64 frames of 64x64 declared, but a pixel element that inflates to 256 MiB: only the first frame,
+    # the one ingest keeps, is inflated.
+    (tmp_path / "img" / "bomb.dcm").write_bytes(deflate_bomb(frames=64, pixel_bytes=256 * 2**20))
+    path = tmp_path / "m.csv"
+    write_csv(path, ["image", "labels"], [("img/a.png", "normal"), ("img/bomb.dcm", "pneumonia")])
+    tracemalloc.start()
+    try:
+        source = open_source(manifest_cfg(path, classes=CLASSES, image_size=32))
+        samples = list(source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [s.sample_id for s in samples] == ["m-1", "m-2"] and not source.rejected
+    assert decode_image(samples[1].image).ndim == 2
+    assert peak < 64 * 2**20, f"ingest held {peak / 2**20:.0f} MiB for a 256 MiB bomb"

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
-from serve_cases import TOKEN, TinyExport, free_port, make_export, wait_for
+from serve_cases import HEADER_TIMEOUT_S, TOKEN, TinyExport, free_port, make_export, wait_for
+
+from medfusion.serve.app import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from medfusion.serving.header_timeout import HEADER_TIMEOUT_ENV
+
+# Serve's proxy times out request headers as `medfusion serve` sets it up. The session's Ray starts
+# after collection, so its processes inherit these; a short timeout lets test_hostile watch it quickly.
+os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+os.environ.setdefault(HEADER_TIMEOUT_ENV, str(HEADER_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
+from dicom_files import deflate_bomb, dicom_file
 from medfusion.config import DataConfig, ServeLimitsConfig, SynthConfig
 from medfusion.data import synth
 from medfusion.data.tokenizer import Tokenizer
@@ -31,6 +31,7 @@ from medfusion.store import free_port  # noqa: F401  (tests/serve import it from
 
 DATA = DataConfig(image_size=64, max_report_tokens=24, max_findings_tokens=40)
 TOKEN = "s3cr3t-t0ken"
+HEADER_TIMEOUT_S = 2.0  # the request-header timeout of Serve's proxy in these tests (conftest sets it)
 # Small limits so that the hostile requests stay small; the defaults are checked in test_api.py.
 LIMITS = ServeLimitsConfig(
     max_body_bytes=256 * 1024, max_pixels=2_000_000, max_report_chars=2_000, request_timeout_s=20.0
@@ -52,21 +53,14 @@ def jpeg(width: int = 80, height: int = 60) -> bytes:
     return buf.getvalue()
 
 
-def dicom(rows: int = 40, cols: int = 50) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.random.default_rng(2).integers(0, 4000, (rows, cols)).astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+def dicom(rows: int = 40, cols: int = 50, transfer_syntax: str | None = None) -> bytes:
+    """A 16-bit DX DICOM of random pixels (Explicit VR Little Endian unless `transfer_syntax` says)."""
+    pixels = np.random.default_rng(2).integers(0, 4000, (rows, cols)).astype(np.uint16)
+    return dicom_file(pixels, **({"transfer_syntax": transfer_syntax} if transfer_syntax else {}))
+
+
+def dicom_deflated() -> bytes:
+    return dicom(transfer_syntax=DeflatedExplicitVRLittleEndian)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -140,7 +134,13 @@ def hostile_cases() -> list[tuple[str, Req, int, str]]:
         ("png-signature-only", multipart(good[:8]), 400, "invalid_image"),
         ("20k-by-20k-png-header", multipart(png_header(20_000, 20_000)), 422, "image_too_large"),
         ("zip-bomb-png", multipart(png_bomb(4096)), 422, "image_too_large"),
-        ("huge-dicom-header", multipart(_dicom_huge()), 422, "image_too_large"),
+        (
+            "huge-dicom-header",
+            multipart(dicom_file(shape=(8000, 8000), bits=8, pixel_data=bytes(16))),
+            422,
+            "image_too_large",
+        ),
+        *dicom_cases(),
         ("zero-size-png", multipart(png_header(0, 0)), 400, "invalid_image"),
         ("wrong-content-type", raw(good, "text/plain"), 415, "unsupported_media_type"),
         ("image-content-type", raw(good, "image/png"), 415, "unsupported_media_type"),
@@ -193,24 +193,63 @@ def hostile_cases() -> list[tuple[str, Req, int, str]]:
         ("model-info-no-token", Req(method="GET", path="/v1/model", auth=False), 401, "unauthorized"),
         ("get-predict", Req(method="GET"), 405, "method_not_allowed"),
         ("unknown-path", Req(method="GET", path="/v1/../etc/passwd"), 404, "not_found"),
+        # No redirect to the slash-less path: its Location would be built from the Host header.
+        (
+            "trailing-slash-with-forged-host",
+            Req({"headers": {"host": "evil.example"}}, method="GET", path="/v1/model/"),
+            404,
+            "not_found",
+        ),
     ]
 
 
-def _dicom_huge() -> bytes:
-    """A DICOM whose header says 8000 x 8000 (64 MP) with a stub pixel element."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8000, 8000, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = b"\0" * 16
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+def dicom_cases() -> list[tuple[str, Req, int, str]]:
+    """Compressed, multi-frame and lying DICOM: the header is read within bounds and the limit counts
+    rows x columns x frames x samples (each deflate bomb inflates to 200 MB from about 200 KB)."""
+    mib = 2**20
+    frame = 64 * 64 * 2
+    deflated = dicom_deflated()
+    return [
+        (
+            "dicom-deflate-bomb-frames",
+            multipart(deflate_bomb(frames=25_600, pixel_bytes=frame * 25_600)),
+            422,
+            "image_too_large",
+        ),
+        (
+            "dicom-deflate-bomb-header",
+            multipart(deflate_bomb(pixel_bytes=frame, private_bytes=200 * mib)),
+            422,
+            "image_too_large",
+        ),
+        ("dicom-deflated-truncated", multipart(deflated[: len(deflated) // 2]), 400, "invalid_image"),
+        (
+            "dicom-frames-over-limit",
+            multipart(dicom_file(shape=(1000, 1000), frames=3, pixel_data=bytes(16))),
+            422,
+            "image_too_large",
+        ),
+        (
+            "dicom-samples-over-limit",
+            multipart(dicom_file(shape=(1000, 1000), photometric="RGB", bits=8, pixel_data=bytes(16))),
+            422,
+            "image_too_large",
+        ),
+        (
+            "dicom-rle",
+            multipart(dicom_file(shape=(40, 50), pixel_data=bytes(64), transfer_syntax=RLELossless)),
+            415,
+            "unsupported_image_type",
+        ),
+        (
+            "dicom-jpeg-larger-than-header",
+            multipart(
+                dicom_file(np.zeros((400, 500), np.uint8), bits=8, shape=(40, 50), transfer_syntax=JPEGBaseline8Bit)
+            ),
+            400,
+            "invalid_image",
+        ),
+    ]
 
 
 def send_kwargs(req: Req, token: str | None = TOKEN) -> dict[str, Any]:

@@ -148,8 +148,8 @@ class _Stub:
     async def info(self):
         return {}
 
-    async def ready(self):
-        return self._ready
+    async def readiness(self):
+        return "ready" if self._ready else "loading"
 
 
 def _stub_api(**kwargs):
@@ -198,7 +198,7 @@ def test_a_bug_is_a_500_without_trace_and_logged_as_one_line(caplog):
         logger.removeHandler(caplog.handler)
     assert response.status_code == 500 and response.json()["error"] == "internal_error"
     assert "secret-internal-state" not in response.text and "Traceback" not in response.text
-    (line,) = [json.loads(r.getMessage()) for r in caplog.records]
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == ACCESS_LOGGER]
     assert line["status"] == 500 and line["exception"] == "KeyError" and "secret-internal-state" not in caplog.text
 
 
@@ -327,13 +327,25 @@ class _FakeMethod:
     def remote(self, *args):
         outcome = self.outcomes[min(self.calls, len(self.outcomes) - 1)]
         self.calls += 1
+        return _FakeResponse(outcome)
 
-        async def answer():
-            if isinstance(outcome, Exception):
-                raise outcome
-            return outcome
 
-        return answer()
+class _FakeResponse:
+    """A DeploymentResponse double: awaitable once, cancellable."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    def __await__(self):
+        return self._answer().__await__()
+
+    async def _answer(self):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+    def cancel(self) -> None:
+        pass
 
 
 class _FakeHandle:
@@ -367,11 +379,11 @@ def test_handle_backend_maps_serve_failures(outcomes, status, error, calls):
 
 
 def test_readiness_does_not_queue_behind_a_busy_model():
-    handle = _FakeHandle([{"ok": 1}], ready=[TimeoutError("queue full")])
+    handle = _FakeHandle([{"ok": 1}], ready=[RuntimeError("no replica")])
     backend = HandleBackend(handle)
-    assert asyncio.run(backend.ready()) is False  # never answered, probe fails: not ready
+    assert asyncio.run(backend.readiness()) == "unavailable"  # never answered, probe fails: not ready
     asyncio.run(backend.predict({}))
-    assert asyncio.run(backend.ready()) is True and handle.ready.calls == 1  # answered recently: no probe
+    assert asyncio.run(backend.readiness()) == "ready" and handle.ready.calls == 1  # answered recently: no probe
 
 
 class _Clock:

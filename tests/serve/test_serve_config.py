@@ -57,7 +57,7 @@ def test_deployment_overrides_match_the_app(document):
 
 
 @pytest.mark.integration
-def test_serve_deploy_of_the_file_answers(serve_url, document, tiny_export):
+def test_serve_deploy_of_the_file_answers(serve_url, document, tiny_export, token_file):
     """The `serve deploy` path: the controller imports import_path, calls it with args, applies overrides."""
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -68,6 +68,9 @@ def test_serve_deploy_of_the_file_answers(serve_url, document, tiny_export):
     (app,) = local["applications"]
     app["name"], app["route_prefix"] = "yaml", "/yaml"
     app["args"]["model"] = tiny_export.uri
+    # The file requires auth: the token comes from a file here (a cluster sets the variable from a Secret).
+    assert app["args"]["require_auth"] is True
+    app["args"]["auth_token_file"] = token_file
     for deployment in app["deployments"]:  # the file's resources are for a cluster; this machine has 2 CPUs
         deployment["ray_actor_options"]["num_cpus"] = 0.25 if deployment["name"] == MODEL_DEPLOYMENT else 0
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(local))
@@ -79,7 +82,7 @@ def test_serve_deploy_of_the_file_answers(serve_url, document, tiny_export):
 
         wait_for(running, 180, message="the YAML app RUNNING")
         assert replica_states("yaml") == {"RUNNING": 1}
-        request = send_kwargs(multipart(png(), report="cough"), token=None)
+        request = send_kwargs(multipart(png(), report="cough"))
         response = httpx.post(f"{serve_url}/yaml/v1/predict", timeout=60, **request)
         assert response.status_code == 200 and response.json()["model"]["version"] == tiny_export.version
     finally:

@@ -12,6 +12,7 @@ One module per layer, each importing only the ones above it in this list:
   `HandleBackend` (a Serve handle to the model deployment).
 - `api`: `create_api(backend)`, the FastAPI app (auth, limits, errors, access log); its docstring holds
   the table of every error a client can get.
+- `header_timeout`: a request-header timeout for uvicorn (the server in Serve's proxy), which has none.
 
 Callers import each name from its module; this package re-exports nothing. Its users are the entry
 points: the Serve wrappers in `medfusion.serve.app`, the CLI and `medfusion.bench.serve`. The library

@@ -6,8 +6,10 @@ run the very same app over a `LocalBackend` without Ray. FastAPI is imported ins
 
 Endpoints: ``POST /v1/predict`` (multipart ``image`` file + optional ``report`` and ``top_k`` fields,
 or JSON ``{"image_b64", "report", "top_k"}``; PNG, JPEG or DICOM), ``GET /v1/model``, ``GET /healthz``
-(the process answers), ``GET /readyz`` (a model replica has loaded the model and answers), OpenAPI at
-``/openapi.json``. ``/v1/*`` needs ``Authorization: Bearer <token>`` when a token is configured.
+(the process answers), ``GET /readyz`` (200 ``ready``, or ``busy`` when the model is loaded but every
+replica is busy; 503 before a replica has loaded it), OpenAPI at ``/openapi.json``. ``/v1/*`` needs
+``Authorization: Bearer <token>`` when a token is configured (and the schema then declares it). Paths
+are exact: a trailing slash is a 404, never a redirect (whose Location would echo the Host header).
 
 Every error is JSON ``{"error": CODE, "detail": TEXT}`` (no stack trace, no secret, no note text):
 
@@ -23,18 +25,25 @@ Every error is JSON ``{"error": CODE, "detail": TEXT}`` (no stack trace, no secr
     408     request_timeout          the body did not arrive within limits.request_timeout_s
     413     body_too_large           the body exceeds limits.max_body_bytes (declared or streamed)
     415     unsupported_media_type   Content-Type is not application/json or multipart/form-data
-    415     unsupported_image_type   the image is not PNG, JPEG or DICOM (by its leading bytes)
+    415     unsupported_image_type   the image is not PNG, JPEG or DICOM (by its leading bytes), or a
+                                     DICOM whose transfer syntax the decoder cannot bound (RLE, JPEG
+                                     Lossless, JPEG-LS...: the detail names it)
     422     invalid_request          a missing, unknown, duplicated or mistyped field; top_k out of
                                      range; a note longer than limits.max_report_chars
-    422     image_too_large          more pixels than limits.max_pixels (read from the header, before
-                                     any pixel is decoded: the decompression-bomb guard)
+    422     image_too_large          more than limits.max_pixels (read from the header, before any
+                                     pixel is decoded: the decompression-bomb guard; a DICOM counts
+                                     rows x columns x frames x samples), or a deflated DICOM header
+                                     that inflates past its allowance
     503     overloaded               the model's queue is full (Retry-After)
     503     unavailable / not_ready  no model replica can answer (Retry-After)
-    504     timeout                  no prediction within limits.request_timeout_s
+    504     timeout                  no prediction within limits.request_timeout_s; the model drops
+                                     the request (cancelled, and never decoded past its deadline)
     500     internal_error           a bug (never caused by input)
 
 Behind Ray Serve the proxy adds two of its own: 408 past ``http_options.request_timeout_s`` and 503
-(with Retry-After from ``backpressure_config``) when the ingress's own queue is full.
+(with Retry-After from ``backpressure_config``) when the ingress's own queue is full; it closes a
+connection whose request headers do not arrive within the header timeout
+(`medfusion.serving.header_timeout`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request...)
@@ -51,11 +60,16 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from medfusion.serving.parsing import MAX_TOP_K, ApiError, media_type, parse_predict_body
+from medfusion.serving.parsing import MAX_TOP_K, ApiError, image_error, media_type, parse_predict_body
 from medfusion.serving.runtime import Backend, ServeMetrics
 from medfusion.serving.settings import ApiSettings
 
 ACCESS_LOGGER = "medfusion.serve.access"
+# /readyz details of the states a backend's readiness() may return besides ready and busy.
+NOT_READY = {
+    "loading": "the model is not loaded yet",
+    "unavailable": "no model replica answers",
+}
 PARSE_IN_THREAD_BYTES = 64 * 1024  # smaller bodies parse faster than a thread hop
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -203,8 +217,11 @@ def create_api(backend: Backend, settings: ApiSettings | None = None, metrics: S
     settings = settings or ApiSettings()
     limits = settings.limits
     metrics = metrics or ServeMetrics(enabled=False)
-    log.info("medfusion API: bearer-token auth %s", "required" if settings.token else "off (no token configured)")
-    bearer = HTTPBearer(auto_error=False, description="required when the server has a token configured")
+    if settings.token:
+        log.info("medfusion API: bearer-token auth required on /v1")
+    else:  # a WARNING: at INFO an open API went unnoticed (serve.require_auth makes it a start failure)
+        log.warning("medfusion API: bearer-token auth is OFF (no token configured): /v1 answers anyone")
+    bearer = HTTPBearer(auto_error=False, description="the token the server is configured with")
 
     class ErrorBody(BaseModel):
         error: str
@@ -215,6 +232,8 @@ def create_api(backend: Backend, settings: ApiSettings | None = None, metrics: S
         title="medfusion",
         version="1",
         summary="Disease labels, lesion box and findings text from a medical image and an optional clinical note.",
+        # A redirect to the slash-less path builds its Location from the Host header: exact paths only.
+        redirect_slashes=False,
     )
 
     retry_after = {"Retry-After": str(math.ceil(limits.retry_after_s))}
@@ -240,26 +259,35 @@ def create_api(backend: Backend, settings: ApiSettings | None = None, metrics: S
         where = ".".join(str(p) for p in first.get("loc", ()))
         return error_response(request, 422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
 
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if settings.token is None:
-            return
+    async def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         challenge = {"WWW-Authenticate": "Bearer"}
         if credentials is None:
             raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)", challenge)
-        if not hmac.compare_digest(credentials.credentials.encode(), settings.token.encode()):
+        if not hmac.compare_digest(credentials.credentials.encode(), str(settings.token).encode()):
             raise ApiError(401, "unauthorized", "invalid bearer token", challenge)
+
+    async def open_access() -> None:
+        return None
+
+    # The schema declares the bearer scheme only when the server enforces it: clients and fuzzers
+    # read what it says.
+    authorize = require_token if settings.token else open_access
 
     @app.get("/healthz", summary="Liveness: the server process answers")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get(
-        "/readyz", summary="Readiness: a model replica has loaded the model", responses={503: {"model": ErrorBody}}
+        "/readyz",
+        summary="Readiness: a model replica has loaded the model (status ready, or busy when all are busy)",
+        responses={503: {"model": ErrorBody}},
     )
     async def readyz(request: Request) -> Any:
-        if await backend.ready():
-            return {"status": "ready"}
-        return error_response(request, 503, "not_ready", "the model is not loaded yet", retry_after)
+        state = await backend.readiness()
+        if state in ("ready", "busy"):  # busy is still ready: a loaded model behind a full queue
+            return {"status": state}
+        detail = NOT_READY.get(state, f"the model is not ready ({state})")
+        return error_response(request, 503, "not_ready", detail, retry_after)
 
     @app.get(
         "/v1/model",
@@ -285,6 +313,9 @@ def create_api(backend: Backend, settings: ApiSettings | None = None, metrics: S
         if media_type(content_type) not in ("application/json", "multipart/form-data"):
             raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
         deadline = time.monotonic() + limits.request_timeout_s
+        # The same deadline in wall-clock time travels with the item: the model drops an item whose
+        # client already got its 504 instead of decoding it.
+        wall_deadline = time.time() + limits.request_timeout_s
         try:
             body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.request_timeout_s)
         except asyncio.TimeoutError:
@@ -294,16 +325,13 @@ def create_api(backend: Backend, settings: ApiSettings | None = None, metrics: S
         else:
             parsed = parse_predict_body(content_type, body, limits)
         del body
-        item = {"image": parsed.image, "report": parsed.report}
+        item = {"image": parsed.image, "report": parsed.report, "deadline": wall_deadline}
         try:
             result = await asyncio.wait_for(backend.predict(item), max(deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError:
             raise ApiError(504, "timeout", f"no prediction within {limits.request_timeout_s} s") from None
         if "error" in result:  # the header passed but decoding failed (truncated, corrupt pixel data...)
-            reason = str(result["error"]).removeprefix("image: ")
-            # The decoder's own pixel guard (a header check above normally fires first).
-            status, code = (422, "image_too_large") if "exceeds the limit" in reason else (400, "invalid_image")
-            raise ApiError(status, code, reason)
+            raise image_error(str(result["error"]).removeprefix("image: "))
         request.state.model_version = result.get("model", {}).get("version")
         if parsed.top_k is not None:
             result["labels"] = result["labels"][: parsed.top_k]

@@ -192,6 +192,21 @@ def _parse_form(body: bytes, content_type: str, limits: ServeLimitsConfig) -> Pr
     )
 
 
+# Words of the decoder's refusals that are about size (medfusion.data.images.ImageTooLargeError) or
+# about the format (UnsupportedImageError): the model side returns its errors as text.
+_TOO_LARGE = ("exceeds the limit", "inflates past", "decompression bomb")
+_UNSUPPORTED = ("is not supported", "not a PNG, JPEG or DICOM")
+
+
+def image_error(reason: str) -> ApiError:
+    """The ApiError for a decoder's refusal of an image the header check let through: 422, 415 or 400."""
+    if any(words in reason for words in _TOO_LARGE):
+        return ApiError(422, "image_too_large", reason)
+    if any(words in reason for words in _UNSUPPORTED):
+        return ApiError(415, "unsupported_image_type", reason)
+    return ApiError(400, "invalid_image", reason)
+
+
 def media_type(content_type: str) -> str:
     """The lower-case media type of a Content-Type header, without parameters."""
     return content_type.split(";", 1)[0].strip().lower()
@@ -213,13 +228,18 @@ def parse_predict_body(content_type: str, body: bytes, limits: ServeLimitsConfig
 def check_image_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """Format and size of an encoded image from its header alone (no pixel is decoded).
 
+    A DICOM file is read by the decoder's own header reader (`medfusion.data.images.read_dicom_header`):
+    the file meta first, a deflated data set inflated only up to its pixel data, and the limit counted
+    over rows x columns x frames x samples, so this check and the model refuse the same files.
+
     Returns:
         (format, width, height).
 
     Raises:
-        ApiError: 415 not PNG/JPEG/DICOM, 422 more than `max_pixels`, 400 an unreadable header.
+        ApiError: 415 not PNG/JPEG/DICOM or a DICOM transfer syntax the decoder refuses, 422 more than
+            `max_pixels`, 400 an unreadable header.
     """
-    from medfusion.data.images import sniff_format
+    from medfusion.data.images import ImageDecodeError, ImageTooLargeError, UnsupportedImageError, sniff_format
 
     if not data:
         raise ApiError(400, "invalid_image", "the image is empty")
@@ -228,10 +248,16 @@ def check_image_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         detail = "the image is not PNG, JPEG or DICOM (unrecognized leading bytes)"
         raise ApiError(415, "unsupported_image_type", detail)
     try:
-        width, height = _dicom_size(data) if kind == "dicom" else _pil_size(data)
+        width, height = _dicom_size(data, max_pixels) if kind == "dicom" else _pil_size(data)
     except ApiError:
         raise
-    except Exception as err:  # PIL and pydicom raise many types for bad headers
+    except UnsupportedImageError as err:
+        raise ApiError(415, "unsupported_image_type", str(err)) from None
+    except ImageTooLargeError as err:
+        raise ApiError(422, "image_too_large", str(err)) from None
+    except ImageDecodeError as err:
+        raise ApiError(400, "invalid_image", str(err)) from None
+    except Exception as err:  # PIL raises many types for bad headers
         raise ApiError(400, "invalid_image", f"cannot read the {kind.upper()} header ({type(err).__name__})") from None
     if width <= 0 or height <= 0:
         raise ApiError(400, "invalid_image", f"the image has zero size ({width}x{height})")
@@ -252,8 +278,8 @@ def _pil_size(data: bytes) -> tuple[int, int]:
         raise ApiError(422, "image_too_large", "the image header declares a decompression bomb") from None
 
 
-def _dicom_size(data: bytes) -> tuple[int, int]:
-    import pydicom
+def _dicom_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    from medfusion.data.images import read_dicom_header
 
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+    header = read_dicom_header(data, max_pixels)
+    return header.columns, header.rows

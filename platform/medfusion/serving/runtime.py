@@ -12,7 +12,7 @@ import collections
 import concurrent.futures
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from medfusion.config import ServeLimitsConfig
@@ -20,6 +20,7 @@ from medfusion.serving.parsing import ApiError
 
 READY_TIMEOUT_S = 2.0
 READY_FRESH_S = 10.0
+EXPIRED = "the request's deadline passed before the model reached it (its client got a 504)"
 
 
 class ServeMetrics:
@@ -119,6 +120,9 @@ class ModelRunner:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfusion-model")
         self.metrics = metrics or ServeMetrics(enabled=False)
         self.registered = registered
+        # The error of the last batch that failed as a whole (bad input fails per item instead): a lost
+        # device or memory exhausted; a later batch that succeeds clears it.
+        self.failure: BaseException | None = None
         info = predictor.info
         self.model = {"name": info["model_name"], "version": info["version"]}
         if registered:  # NAME:VERSION in the model registry, when loaded from there
@@ -157,12 +161,41 @@ class ModelRunner:
         return {**self.predictor.info, **({"registered": self.registered} if self.registered else {})}
 
     def predict_now(self, items: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Predict `items` in this thread (errors per item, as ``{"error", "index"}``)."""
+        """Predict `items` in this thread (errors per item, as ``{"error", "index"}``).
+
+        An item may carry a ``deadline`` (wall-clock seconds, `time.time()`): one already past it is
+        answered with an error and never decoded, since its client has had its 504.
+        """
         start = time.perf_counter()
-        results = self.predictor.predict(items, errors="return")
+        now = time.time()
+        live = [i for i, item in enumerate(items) if item.get("deadline", math.inf) > now]
+        try:
+            answers = self.predictor.predict(
+                [{k: v for k, v in items[i].items() if k != "deadline"} for i in live], errors="return"
+            )
+        except Exception as err:
+            self.failure = err
+            raise
+        self.failure = None
+        results: list[dict[str, Any]] = [{"error": EXPIRED, "index": i} for i in range(len(items))]
+        for i, answer in zip(live, answers):
+            results[i] = {**answer, "index": i} if "error" in answer else answer
         bad = sum(1 for r in results if "error" in r)
         self.metrics.batch(len(items), time.perf_counter() - start, bad)
         return [r if "error" in r else {**r, "model": self.model} for r in results]
+
+    def check_health(self) -> None:
+        """Raise when this runner cannot answer: its model thread is gone, or its last batch failed as a
+        whole. Serve calls it through the deployments' ``check_health`` and replaces a replica that
+        keeps failing it; it never runs the model, so a replica busy with a long batch stays healthy.
+
+        Raises:
+            RuntimeError: naming what is wrong.
+        """
+        if getattr(self._thread, "_shutdown", False):
+            raise RuntimeError("the model thread has shut down")
+        if self.failure is not None:
+            raise RuntimeError(f"the last batch failed as a whole: {type(self.failure).__name__}: {self.failure}")
 
     async def predict(self, items: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """`predict_now` on the model thread, so decoding and the forward never block the event loop."""
@@ -184,7 +217,10 @@ class Backend(Protocol):
 
     async def info(self) -> dict[str, Any]: ...
 
-    async def ready(self) -> bool: ...
+    async def readiness(self) -> str:
+        """``ready``; ``busy`` (loaded, but no replica answered in time); ``loading`` (no replica has
+        loaded the model yet); or ``unavailable`` (no replica can answer)."""
+        ...
 
 
 class LocalBackend:
@@ -199,16 +235,32 @@ class LocalBackend:
     async def info(self) -> dict[str, Any]:
         return self.runner.info
 
-    async def ready(self) -> bool:
-        return True
+    async def readiness(self) -> str:
+        return "ready"
 
 
 class HandleBackend:
-    """Calls the model deployment through a Serve DeploymentHandle (batched on the replica side)."""
+    """Calls the model deployment through a Serve DeploymentHandle (batched on the replica side).
 
-    def __init__(self, handle: Any, retry_after_s: float = 1.0) -> None:
+    Args:
+        handle: the model deployment's handle.
+        retry_after_s: Retry-After of its 503 answers.
+        probe_timeout_s: how long the readiness probe waits for a replica.
+        running_replicas: how many replicas of the model deployment are RUNNING (have loaded the
+            model); by default asked of Serve's controller, only when a probe times out.
+    """
+
+    def __init__(
+        self,
+        handle: Any,
+        retry_after_s: float = 1.0,
+        probe_timeout_s: float = READY_TIMEOUT_S,
+        running_replicas: Callable[[], int] | None = None,
+    ) -> None:
         self.handle = handle
         self.retry_headers = {"Retry-After": str(math.ceil(retry_after_s))}
+        self.probe_timeout_s = probe_timeout_s
+        self.running_replicas = running_replicas or self._running_replicas
         self._answered_at = -math.inf  # when a model replica last answered
 
     async def predict(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -216,10 +268,16 @@ class HandleBackend:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         for attempt in range(2):
+            response = self.handle.predict.remote(item)
             try:
-                result = await self.handle.predict.remote(item)
+                result = await response
                 self._answered_at = time.monotonic()
                 return result
+            except asyncio.CancelledError:
+                # The API gave up (504) or the client left: awaiting a Serve response does not cancel
+                # it, and the model would decode the request for no one.
+                response.cancel()
+                raise
             except BackPressureError:
                 detail = "the model's request queue is full; retry later"
                 raise ApiError(503, "overloaded", detail, self.retry_headers) from None
@@ -233,15 +291,38 @@ class HandleBackend:
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
 
-    async def ready(self) -> bool:
-        # A replica that answered recently proves readiness; probing through the queue instead would
-        # time out under load and take a busy (healthy) server out of its load balancer.
+    async def readiness(self) -> str:
+        # A replica that answered recently proves readiness; a probe queues behind the model, so one
+        # that times out means busy when a replica has loaded the model, and only then: taking a busy
+        # (healthy) server out of its load balancer would move its load onto the others.
         if time.monotonic() - self._answered_at < READY_FRESH_S:
-            return True
+            return "ready"
+        probe = self.handle.ready.remote()
         try:
-            ready = bool(await asyncio.wait_for(self.handle.ready.remote(), READY_TIMEOUT_S))
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            return False
+            ready = bool(await asyncio.wait_for(_awaited(probe), self.probe_timeout_s))
+        except asyncio.TimeoutError:
+            probe.cancel()  # not left in the model's queue
+            try:
+                running = await asyncio.wait_for(asyncio.to_thread(self.running_replicas), self.probe_timeout_s)
+            except Exception:  # noqa: BLE001 - the controller did not say: assume nothing is loaded
+                running = 0
+            return "busy" if running else "loading"
+        except Exception:  # noqa: BLE001 - the probe failed: no replica can answer
+            return "unavailable"
         if ready:
             self._answered_at = time.monotonic()
-        return ready
+        return "ready" if ready else "loading"
+
+    def _running_replicas(self) -> int:
+        from ray import serve
+
+        app = serve.status().applications.get(self.handle.app_name)
+        deployment = app.deployments.get(self.handle.deployment_name) if app else None
+        if deployment is None:
+            return 0
+        return int(deployment.replica_states.get("RUNNING", 0))
+
+
+async def _awaited(response: Any) -> Any:
+    """`await response` as a coroutine (wait_for wraps it in a task; the response itself stays cancellable)."""
+    return await response

@@ -6,13 +6,16 @@ Pure functions of a `ServeConfig`: nothing here imports Ray, FastAPI or torch.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medfusion.config import ConfigError, ServeConfig, ServeLimitsConfig
 from medfusion.loader import load_config
+
+log = logging.getLogger(__name__)
 
 # Fields of ServeConfig the model replicas read: changing any other field (limits, auth...) does not
 # restart them.
@@ -64,11 +67,17 @@ def resolve_served_model_uri(model: str, registry_uri: str = "") -> str:
     return registry.resolve_model_uri(registry_uri, name, version)
 
 
-def read_token(env_name: str, token_file: str) -> str | None:
+def read_token(env_name: str, token_file: str, required: bool = False) -> str | None:
     """The configured bearer token (file first, then the environment), or None when auth is off.
 
+    Args:
+        env_name: the environment variable that holds the token (unset or empty: no token).
+        token_file: a file that holds it (takes precedence; it must exist and hold one).
+        required: ServeConfig.require_auth: no token is an error rather than an open API.
+
     Raises:
-        ConfigError: a configured token file that is missing or empty (never serve open by mistake).
+        ConfigError: a configured token file that is missing or empty, or no token when `required`
+            (never serve open by mistake).
     """
     if token_file:
         try:
@@ -79,7 +88,43 @@ def read_token(env_name: str, token_file: str) -> str | None:
             raise ConfigError(f"auth_token_file: {token_file} is empty")
         return token
     token = os.environ.get(env_name, "").strip() if env_name else ""
+    if not token and required:
+        where = f"{env_name} is {'empty' if env_name in os.environ else 'not set'}" if env_name else "no auth_token_env"
+        raise ConfigError(
+            f"require_auth: true, but there is no bearer token ({where} and no auth_token_file): "
+            "refusing to serve /v1 without auth"
+        )
     return token or None
+
+
+def empty_token_warning(env_name: str, token_file: str) -> str | None:
+    """A warning when the token variable is set but empty (e.g. a Kubernetes Secret with an empty key):
+    auth is then off, which an unset variable says by intent but an empty one likely does not."""
+    if token_file or not env_name or env_name not in os.environ or os.environ[env_name].strip():
+        return None
+    return (
+        f"{env_name} is set but empty: bearer-token auth is OFF and /v1 answers anyone "
+        "(require_auth=true refuses to start instead)"
+    )
+
+
+def check_auth(cfg: ServeConfig, warn: Callable[[str], None] | None = None) -> list[str]:
+    """What `medfusion serve` checks before it starts anything; returns the warnings.
+
+    Args:
+        cfg: the application's settings.
+        warn: called with each warning before any error is raised (the CLI prints them).
+
+    Raises:
+        ConfigError: `cfg.require_auth` without a non-empty token, or an unreadable token file.
+    """
+    warning = empty_token_warning(cfg.auth_token_env, cfg.auth_token_file)
+    warnings = [warning] if warning else []
+    for line in warnings:
+        if warn is not None:
+            warn(line)
+    read_token(cfg.auth_token_env, cfg.auth_token_file, required=cfg.require_auth)
+    return warnings
 
 
 def model_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -119,7 +164,12 @@ def model_args(cfg: ServeConfig) -> dict[str, Any]:
 
 def ingress_args(cfg: ServeConfig) -> dict[str, Any]:
     """Init args of an ingress replica: limits and where to read the token (never the token itself)."""
-    return {"limits": asdict(cfg.limits), "auth_token_env": cfg.auth_token_env, "auth_token_file": cfg.auth_token_file}
+    return {
+        "limits": asdict(cfg.limits),
+        "auth_token_env": cfg.auth_token_env,
+        "auth_token_file": cfg.auth_token_file,
+        "require_auth": cfg.require_auth,
+    }
 
 
 @dataclass(frozen=True)
@@ -134,7 +184,16 @@ class ApiSettings:
 
     @classmethod
     def from_ingress_args(cls, args: Mapping[str, Any], echo_request_id: bool = False) -> ApiSettings:
-        """Settings from `ingress_args`, reading the token where the replica runs (env or mounted file)."""
+        """Settings from `ingress_args`, reading the token where the replica runs (env or mounted file).
+
+        Raises:
+            ConfigError: ``require_auth`` without a token: the replica (and so the deployment) fails
+                to start rather than serve an open API.
+        """
         limits = load_config(ServeLimitsConfig, base=dict(args.get("limits") or {}))
-        token = read_token(str(args.get("auth_token_env", "")), str(args.get("auth_token_file", "")))
+        env_name, token_file = str(args.get("auth_token_env", "")), str(args.get("auth_token_file", ""))
+        warning = empty_token_warning(env_name, token_file)
+        if warning:
+            log.warning("medfusion API: %s", warning)
+        token = read_token(env_name, token_file, required=bool(args.get("require_auth", False)))
         return cls(limits=limits, token=token, echo_request_id=echo_request_id)
