@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from medfusion import storage
+from medfusion.config import ConfigError
 from medfusion.orchestration.pipeline import PipelineConfig
+from medfusion.orchestration.stages import ray_target
 
 
 @dataclass
@@ -91,6 +93,7 @@ def submit_pipeline(
     cookies: str = "",
     ssl_ca_cert: str = "",
     enable_caching: bool | None = None,
+    allow_embedded: bool = False,
 ) -> SubmittedRun:
     """Submit a run of the pipeline to the Kubeflow Pipelines API at `host`.
 
@@ -108,13 +111,21 @@ def submit_pipeline(
         cookies: cookies for the API (e.g. an OIDC session).
         ssl_ca_cert: a CA bundle for the API's TLS certificate.
         enable_caching: override every step's caching (None: the pipeline's own settings).
+        allow_embedded: submit with an empty ``ray_address`` all the same (Ray inside each step's pod).
 
     Returns:
         The run's id and URL.
 
     Raises:
+        ConfigError: an empty ``ray_address`` without `allow_embedded`.
         ConnectionError: the API cannot be reached or refuses the request (naming `host`).
     """
+    if ray_target(cfg.ray_address) == "embedded" and not allow_embedded:
+        raise ConfigError(
+            "ray_address: empty runs Ray Train and Tune inside each step's pod (500m CPU, 1G, no GPU) on the "
+            "KFP server; set ray_address=kuberay or http://HEAD:8265 (or call submit_pipeline with "
+            "allow_embedded=True if that is what you want)"
+        )
     import kfp
     import urllib3
     from kfp_server_api.exceptions import ApiException

@@ -16,9 +16,9 @@ def deploy(
     model_name: str = "medfusion",
     serve_config: dict = {},
     ray_address: str = "",
-    namespace: str = "",
     image: str = "",
     serve_url: str = "",
+    cluster: dict = {},
 ) -> NamedTuple("DeployOutputs", url=str, model_uri=str, serve_config_uri=str):
     """Publish the export to the registry and deploy it (embedded: config only; Jobs API: Serve REST
     API; kuberay: a RayService).
@@ -30,9 +30,9 @@ def deploy(
         model_name: published model and application name.
         serve_config: ServeConfig fields of the application (model is set here).
         ray_address: empty, http://HEAD:8265 or kuberay (medfusion.orchestration).
-        namespace: namespace of the RayService (kuberay).
-        image: image of the RayService's pods (kuberay).
+        image: image of the step, and of a new RayService's pods unless cluster names one.
         serve_url: where the application answers (Jobs API target; default: the head's port 8000).
+        cluster: KubeRayOptions fields (the pipeline's kuberay): the RayService's namespace, its cluster if created.
 
     Returns:
         url (empty when embedded), model_uri (the published export), serve_config_uri.
@@ -50,7 +50,7 @@ def deploy(
         serve_config,
         ray_address,
         serve_url=serve_url,
-        kuberay=kuberay.kuberay_options(namespace, image),
+        kuberay=kuberay.kuberay_options(image=image, overrides=cluster),
     )
     artifacts.record_artifact(published, result.model_uri, dataclasses.asdict(result))
     return namedtuple("DeployOutputs", ["url", "model_uri", "serve_config_uri"])(

@@ -17,8 +17,8 @@ def evaluate(
     split: str = "test",
     config: dict = {},
     ray_address: str = "",
-    namespace: str = "",
     image: str = "",
+    cluster: dict = {},
 ) -> dict:
     """Evaluate the exported model on one split; return its headline metrics (what the gate reads).
 
@@ -32,11 +32,13 @@ def evaluate(
         split: train, val or test.
         config: further EvaluateConfig fields (engine, limit, batch_size...).
         ray_address: empty, http://HEAD:8265 or kuberay (medfusion.orchestration).
-        namespace: namespace of the RayJob (kuberay).
-        image: image of the RayJob's pods (kuberay).
+        image: image of the step, and of the RayJob's pods unless cluster names one.
+        cluster: KubeRayOptions fields of the RayJob's cluster (the pipeline's kuberay parameter).
     """
     from medfusion.orchestration import artifacts, kuberay, stages
 
     values = {**config, "model_uri": model_uri, "data_uri": artifacts.artifact_uri(dataset), "split": split}
-    result = stages.run_stage("evaluate", values, ray_address, kuberay=kuberay.kuberay_options(namespace, image))
+    result = stages.run_stage(
+        "evaluate", values, ray_address, kuberay=kuberay.kuberay_options(image=image, overrides=cluster)
+    )
     return artifacts.log_evaluation(result, metrics, classification, report)

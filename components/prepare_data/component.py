@@ -15,8 +15,8 @@ def prepare_data(
     preset: str = "",
     config: dict = {},
     ray_address: str = "",
-    namespace: str = "",
     image: str = "",
+    cluster: dict = {},
 ) -> str:
     """Write the dataset (Parquet shards + manifest.json) to `output_uri`; return that URI.
 
@@ -28,12 +28,14 @@ def prepare_data(
         preset: size preset filling `synth` (tiny, small, base; empty: none).
         config: further PrepareConfig fields.
         ray_address: empty, http://HEAD:8265 or kuberay (medfusion.orchestration).
-        namespace: namespace of the RayJob (kuberay).
-        image: image of the RayJob's pods (kuberay).
+        image: image of the step, and of the RayJob's pods unless cluster names one.
+        cluster: KubeRayOptions fields of the RayJob's cluster (the pipeline's kuberay parameter).
     """
     from medfusion.orchestration import artifacts, kuberay, stages
 
     values = {**config, "source": source, "source_uri": source_uri, "output_uri": output_uri, "preset": preset}
-    result = stages.run_stage("prepare", values, ray_address, kuberay=kuberay.kuberay_options(namespace, image))
+    result = stages.run_stage(
+        "prepare", values, ray_address, kuberay=kuberay.kuberay_options(image=image, overrides=cluster)
+    )
     artifacts.record_artifact(dataset, result["dataset_uri"], result)
     return result["dataset_uri"]

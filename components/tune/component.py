@@ -21,9 +21,14 @@ def tune(
     search_space: dict,
     preset: str = "",
     config: dict = {},
+    epochs: int = 10,
+    lr: float = 1e-3,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    fusions: list = ["gated"],
     ray_address: str = "",
-    namespace: str = "",
     image: str = "",
+    cluster: dict = {},
 ) -> str:
     """Run the sweep (Ray Tune); return the best trial's exported model URI.
 
@@ -36,20 +41,28 @@ def tune(
         search_space: the search space (TuneConfig.search_space).
         preset: size preset filling `model` and `data`.
         config: further TuneConfig fields.
+        epochs: training epochs (tune: the most a trial runs).
+        lr: peak learning rate.
+        num_workers: Ray Train workers.
+        use_gpu: one GPU per Ray Train worker.
+        fusions: the fusion strategy to train (tune: those the sweep compares).
         ray_address: empty, http://HEAD:8265 or kuberay (medfusion.orchestration).
-        namespace: namespace of the RayJob (kuberay).
-        image: image of the RayJob's pods (kuberay).
+        image: image of the step, and of the RayJob's pods unless cluster names one.
+        cluster: KubeRayOptions fields of the RayJob's cluster (the pipeline's kuberay parameter).
     """
-    from medfusion.orchestration import artifacts, kuberay, stages
+    from medfusion.orchestration import artifacts, kuberay, pipeline, stages
 
     values = {
-        **config,
+        **pipeline.tuning_values(
+            config, search_space, epochs=epochs, lr=lr, num_workers=num_workers, use_gpu=use_gpu, fusions=fusions
+        ),
         "dataset_uri": artifacts.artifact_uri(dataset),
         "storage_uri": storage_uri,
-        "search_space": search_space,
         "preset": preset,
     }
-    result = stages.run_stage("tune", values, ray_address, kuberay=kuberay.kuberay_options(namespace, image))
+    result = stages.run_stage(
+        "tune", values, ray_address, kuberay=kuberay.kuberay_options(image=image, overrides=cluster)
+    )
     artifacts.record_artifact(model, result["model_uri"], result)
     artifacts.write_leaderboard(leaderboard, result["leaderboard_uri"])
     artifacts.log_result_metrics(metrics, result)

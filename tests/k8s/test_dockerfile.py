@@ -28,9 +28,8 @@ def test_torch_is_the_makefile_version_from_the_cpu_index_first():
     (makefile_torch,) = re.findall(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
     assert _arg("TORCH_VERSION") == makefile_torch
     assert _arg("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
-    order = [
-        DOCKERFILE.index(s) for s in ('"torch==${TORCH_VERSION}"', "--no-build-isolation deepspeed", "pip install .")
-    ]
+    steps = ('"torch==${TORCH_VERSION}"', "--no-build-isolation deepspeed", "pip install -c constraints/image.txt .")
+    order = [DOCKERFILE.index(s) for s in steps]
     assert order == sorted(order), "torch, then DeepSpeed (no build isolation), then the package"
 
 
@@ -39,7 +38,15 @@ def test_runs_as_non_root_and_copies_only_the_package():
     assert users and all(not u.startswith(("root", "0")) for u in users)
     assert DOCKERFILE.index("USER 1000:100") < DOCKERFILE.index("RUN pip")
     copied = re.findall(r"^COPY --chown=1000:100 (.+) \S+$", DOCKERFILE, flags=re.M)
-    assert " ".join(copied).split() == ["pyproject.toml", "README.md", "platform", "components", "pipelines", "serve"]
+    assert " ".join(copied).split() == [
+        "constraints/image.txt",  # the pins every pip install is held to (test_image_build.py)
+        "pyproject.toml",
+        "README.md",
+        "platform",
+        "components",
+        "pipelines",
+        "serve",
+    ]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests", ".medfusion", "*.env"} <= set(ignored)
 
@@ -48,3 +55,11 @@ def test_k8s_and_orchestration_name_the_images_this_file_builds():
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert f"docker build -t medfusion:{version} ." in DOCKERFILE
     assert f"docker build -t medfusion-gpu:{version}" in DOCKERFILE
+
+
+def test_the_image_installs_the_serve_proxys_header_timeout():
+    from medfusion.serve.app import PROXY_CALLBACK_ENV, proxy_callback
+
+    (value,) = re.findall(rf"^ENV {PROXY_CALLBACK_ENV}=(\S+)$", DOCKERFILE, flags=re.M)
+    module, _, attr = value.partition(":")
+    assert f"{module}:{attr}" == f"{proxy_callback.__module__}:{proxy_callback.__name__}"

@@ -1,5 +1,7 @@
 """The KubeRay target's control flow against a fake Kubernetes API (no cluster here): a RayJob is
-created, followed to its end and always deleted; a RayService is created, or patched when it exists."""
+created, followed until KubeRay is done with it (its jobDeploymentStatus, rayjob_types.go
+IsJobDeploymentTerminal) and always deleted; a RayService is created, or its Serve config patched when
+it exists (tests/pipelines/test_pipeline_platform.py has the patch itself)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class FakeCustomObjects:
 
     def patch_namespaced_custom_object(self, **kw):
         self.calls.append(("patch", kw["plural"], kw["name"]))
+        return {"metadata": {"name": kw["name"], "generation": 2}}
 
     def delete_namespaced_custom_object(self, **kw):
         self.calls.append(("delete", kw["plural"], kw["name"]))
@@ -58,12 +61,17 @@ def test_a_succeeded_rayjob_is_deleted_and_returns_its_status(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "final", [{"jobStatus": "FAILED", "message": "exit 3"}, {"jobDeploymentStatus": "ValidationFailed"}]
+    "final",
+    [
+        {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "reason": "AppFailed", "message": "exit 3"},
+        {"jobDeploymentStatus": "ValidationFailed"},
+    ],
 )
 def test_a_failed_rayjob_raises_and_is_still_deleted(monkeypatch, final):
     api = FakeCustomObjects([{"jobStatus": "RUNNING"}, final])
     _use(monkeypatch, api)
-    with pytest.raises(JobError, match=r"RayJob team-a/medfusion-train-2 (FAILED: exit 3|ValidationFailed)"):
+    pattern = r"RayJob team-a/medfusion-train-2 (Failed \(AppFailed\), job FAILED: exit 3|ValidationFailed)"
+    with pytest.raises(JobError, match=pattern):
         kuberay.run_rayjob(
             kuberay.rayjob_manifest("medfusion-train-2", "python -c pass", OPTS), OPTS, out=io.StringIO()
         )
@@ -83,7 +91,12 @@ def test_a_rayjob_past_its_timeout_fails_and_is_deleted(monkeypatch):
 
 @pytest.mark.parametrize("existing,verb", [(False, "create"), (True, "patch")])
 def test_rayservice_is_created_or_updated_in_place(monkeypatch, existing, verb):
-    api = FakeCustomObjects([{"serviceStatus": "Running"}], existing=existing)
+    serving = {
+        "observedGeneration": 2,
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "activeServiceStatus": {"applicationStatuses": {"medfusion": {"status": "RUNNING"}}},
+    }
+    api = FakeCustomObjects([serving], existing=existing)
     _use(monkeypatch, api)
     manifest = kuberay.rayservice_manifest("medfusion", serve_config_document({"model": "s3://b/m"}), OPTS)
     url = kuberay.apply_rayservice(manifest, OPTS, out=io.StringIO())

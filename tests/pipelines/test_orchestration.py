@@ -75,9 +75,10 @@ def test_quality_gate_config_errors(gates, message):
 
 
 def test_pipeline_config_validates():
-    assert PipelineConfig().arguments()["gates"] == {"accuracy": 0.0}
-    with pytest.raises(ConfigError, match="search_space: is required with use_tune=true"):
-        PipelineConfig(use_tune=True)
+    assert PipelineConfig().arguments()["gates"] == {"accuracy": 0.5}
+    with pytest.raises(ConfigError, match="fusions: the train step trains one fusion"):
+        PipelineConfig(fusions=["concat", "gated"])
+    assert PipelineConfig(use_tune=True, fusions=["concat", "gated"]).use_tune  # the sweep compares the fusions
     with pytest.raises(ConfigError, match="ray_address"):
         PipelineConfig(ray_address="head:8265")
     with pytest.raises(ConfigError, match="source_uri: is required for source=manifest"):
@@ -176,9 +177,7 @@ def test_pipeline_config_from_cli_overrides():
         overrides=["gates.accuracy=0.8", "train_config.epochs=2", "use_tune=false", "ray_address=kuberay"],
     )
     assert cfg.gates == {"accuracy": 0.8} and cfg.ray_address == "kuberay"
-    assert (
-        stages.build_config("train", {**cfg.train_config, "dataset_uri": "d"}).epochs == 2
-    )  # strings are coerced by the stage
+    assert cfg.epochs == 2 and "epochs" not in cfg.train_config  # moved into the typed parameter
     with pytest.raises(ConfigError, match="gates.accuracy: the minimum must be a number, got 'high'"):
         load_config(PipelineConfig, overrides=["gates.accuracy=high"])
 
@@ -197,7 +196,7 @@ def test_submit_pipeline_uses_kfp_client(monkeypatch):
             return type("Result", (), {"run_id": "run-123"})()
 
     monkeypatch.setattr(kfp, "Client", FakeClient)
-    cfg = PipelineConfig(ray_address="kuberay", namespace="team-a")
+    cfg = PipelineConfig(ray_address="kuberay", kuberay={"namespace": "team-a"})
     submitted = submit_pipeline(
         cfg,
         "https://kfp.example.com/pipeline",
@@ -292,7 +291,7 @@ def test_submit_names_the_host_when_kfp_is_unreachable_or_refuses():
 
     from medfusion.store import free_port
 
-    cfg = PipelineConfig()
+    cfg = PipelineConfig(ray_address="kuberay")
     with pytest.raises(
         ConnectionError, match=r"--host http://127.0.0.1:\d+/pipeline: cannot reach the Kubeflow Pipelines API"
     ):

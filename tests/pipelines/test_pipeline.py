@@ -15,15 +15,24 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ROOT / "pipelines" / "medfusion_pipeline.yaml"
 
 
-def _compile(tmp_path: Path) -> dict:
+def _documents(path: Path) -> list[dict]:
+    """The pipeline spec, then the platform spec (kfp-kubernetes: the Secrets of the step pods)."""
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _spec(path: Path = COMPILED) -> dict:
+    return _documents(path)[0]
+
+
+def _compile(tmp_path: Path) -> list[dict]:
     from medfusion.pipelines.medfusion_pipeline import compile_pipeline
 
-    return yaml.safe_load(Path(compile_pipeline(str(tmp_path / "pipeline.yaml"))).read_text())
+    return _documents(Path(compile_pipeline(str(tmp_path / "pipeline.yaml"))))
 
 
 def test_checked_in_yaml_is_current(tmp_path):
     fresh = _compile(tmp_path)
-    assert fresh == yaml.safe_load(COMPILED.read_text()), (
+    assert fresh == _documents(COMPILED), (
         "pipelines/medfusion_pipeline.yaml is stale: run `python -m medfusion.pipelines.medfusion_pipeline`"
     )
 
@@ -33,11 +42,11 @@ def test_compiles_from_the_command_line(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "medfusion.pipelines.medfusion_pipeline", str(out)], check=True, capture_output=True
     )
-    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "medfusion"
+    assert _spec(out)["pipelineInfo"]["name"] == "medfusion"
 
 
 def test_parameters_are_pipeline_config_fields_with_the_same_defaults():
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec = _spec()
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     defaults = dataclasses.asdict(PipelineConfig())
     assert set(parameters) == set(defaults)
@@ -55,7 +64,7 @@ def _tasks(spec: dict) -> dict[str, dict]:
 
 
 def test_steps_caching_and_retries_are_deliberate():
-    tasks = _tasks(yaml.safe_load(COMPILED.read_text()))
+    tasks = _tasks(_spec())
     cached = {
         name: t.get("cachingOptions", {}).get("enableCache", False)
         for name, t in tasks.items()
@@ -83,7 +92,7 @@ def test_steps_caching_and_retries_are_deliberate():
 
 
 def test_tune_or_train_and_the_gate_are_conditions():
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec = _spec()
     conditions = [
         t["triggerPolicy"]["condition"] for t in _tasks(spec).values() if t.get("triggerPolicy", {}).get("condition")
     ]
@@ -96,6 +105,6 @@ def test_tune_or_train_and_the_gate_are_conditions():
 
 
 def test_every_step_runs_on_the_image_parameter():
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec = _spec()
     for name, executor in spec["deploymentSpec"]["executors"].items():
         assert executor["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}", name

@@ -21,11 +21,26 @@ from typing import Any, TextIO
 from medfusion import storage
 from medfusion.config import SERVE_TOKEN_ENV, ConfigError
 from medfusion.orchestration.jobs import JobError, auth_headers
-from medfusion.orchestration.kuberay import SERVE_PORT, KubeRayOptions, apply_rayservice, rayservice_manifest
+from medfusion.orchestration.kuberay import (
+    SERVE_PORT,
+    KubeRayOptions,
+    apply_rayservice,
+    check_resource_name,
+    rayservice_manifest,
+)
 from medfusion.orchestration.stages import import_path_target, ray_target
 
 SERVE_IMPORT_PATH = "medfusion.serve.app:build_app"
 DEPLOYMENTS_DIR = "_deployments"  # <registry>/<name>/_deployments/<version>/: never a valid version name
+# The deployments the application of SERVE_IMPORT_PATH has (serve/app.py names them): the ingress exists
+# only with ingress_replicas >= 1; with 0 the model deployment answers HTTP itself.
+INGRESS_DEPLOYMENT = "MedFusionIngress"
+MODEL_DEPLOYMENT = "MedFusionDeployment"
+# A draining replica keeps this long past the app's own request timeout to finish what it holds
+# (Serve's default graceful_shutdown_timeout_s, 20 s, is below the 30 s request timeout).
+SHUTDOWN_MARGIN_S = 15.0
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
 
 
 def serve_config_document(
@@ -46,13 +61,25 @@ def serve_config_document(
     """
     from medfusion.serving.settings import serve_config
 
-    serve_config(args)  # validate (ConfigError names the field)
+    cfg = serve_config(args)  # validate (ConfigError names the field)
+    lifecycle = {
+        "graceful_shutdown_timeout_s": cfg.limits.request_timeout_s + SHUTDOWN_MARGIN_S,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+    }
+    names = [INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT] if cfg.ingress_replicas else [MODEL_DEPLOYMENT]
+    app = {
+        "name": app_name,
+        "route_prefix": route_prefix,
+        "import_path": SERVE_IMPORT_PATH,
+        "args": dict(args),
+        # Only what build_app does not derive from args: shutdown and health checks of every deployment.
+        "deployments": [{"name": name, **lifecycle} for name in names],
+    }
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [
-            {"name": app_name, "route_prefix": route_prefix, "import_path": SERVE_IMPORT_PATH, "args": dict(args)}
-        ],
+        "applications": [app],
     }
 
 
@@ -86,7 +113,7 @@ def deploy(
       test; nothing started in a pipeline step outlives it);
     - Jobs API: ``PUT /api/serve/applications/`` on that cluster's dashboard (what ``serve deploy``
       does), then wait until the application is RUNNING;
-    - kuberay: create or update the RayService ``model_name``.
+    - kuberay: patch the Serve args (the model) of the RayService ``model_name``, or create it.
 
     Args:
         model_uri: the approved export folder.
@@ -109,6 +136,8 @@ def deploy(
     from medfusion import registry
 
     target = ray_target(ray_address)
+    if target == "kuberay":
+        check_resource_name("RayService", model_name, "model_name")
 
     # Republishing the same export is a no-op (content-addressed version); it becomes name:latest.
     version = registry.register(model_uri, registry_uri, model_name)

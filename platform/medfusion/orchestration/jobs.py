@@ -9,8 +9,10 @@ Authentication: a cluster started with Ray token authentication (on by default f
 --head`` when a token exists) answers 401 without ``Authorization: Bearer <token>``. The token is
 looked up the way Ray itself does: ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``,
 then ``~/.ray/auth_token``; it is sent explicitly, so it works whatever this process's own
-``RAY_AUTH_MODE`` is. Storage credentials (the ``AWS_*`` variables) reach the job through its
-runtime_env.
+``RAY_AUTH_MODE`` is. On Kubernetes a pipeline step gets ``RAY_AUTH_TOKEN`` from the Secret that the
+Ray clusters' ``authOptions`` name (``medfusion-ray-auth``, key ``auth_token``, mapped by the pipeline
+with kfp-kubernetes); the trailing newline a ``--from-file`` Secret may hold is stripped. Storage
+credentials (the ``AWS_*`` variables) reach the job through its runtime_env.
 """
 
 from __future__ import annotations
