@@ -203,7 +203,8 @@ class _FailingRayJobs:
         self.created.append(kw["body"])
 
     def get_namespaced_custom_object(self, **kw):
-        return {"status": {"jobStatus": "FAILED", "message": "exit 2"}}
+        # KubeRay is done with a RayJob once its jobDeploymentStatus is final (no retry left).
+        return {"status": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "message": "exit 2"}}
 
     def delete_namespaced_custom_object(self, **kw):
         pass
@@ -215,7 +216,7 @@ def test_kuberay_address_runs_the_train_stage_as_a_rayjob(monkeypatch, tmp_path)
     cfg = load_train_config(
         preset="tiny", overrides=["dataset_uri=s3://b/d", f"storage_uri={tmp_path}", "name=r1", "ray_address=kuberay"]
     )
-    with pytest.raises(JobError, match=r"RayJob team-a/medfusion-train-\w+ FAILED: exit 2"):
+    with pytest.raises(JobError, match=r"RayJob team-a/medfusion-train-\w+ Failed, job FAILED: exit 2"):
         run_train(cfg)
     (job,) = api.created
     argv = shlex.split(job["spec"]["entrypoint"])
