@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -30,7 +31,23 @@ class StoreError(RuntimeError):
     """The store could not be started, reached or stopped."""
 
 
+# Ports handed to servers come from below Linux's ephemeral range (32768-60999): a port the kernel
+# picked for us (bind to 0) is one it may hand again to any outgoing connection before our server
+# binds it, and a server started with it then fails with "address in use". Ray's worker ports are
+# 10002-19999, so this range stays clear of them too.
+_SERVER_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
+    """A loopback TCP port that is free now, from outside the kernel's ephemeral range."""
+    for _ in range(100):
+        port = random.choice(_SERVER_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

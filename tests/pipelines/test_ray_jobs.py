@@ -25,7 +25,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A Ray head (dashboard and Jobs API on 127.0.0.1) in a process group of its own, stopped by its id."""
+    """A Ray head (dashboard and Jobs API on 127.0.0.1) in a process group of its own, stopped by its id.
+
+    A head that exits while starting (a port taken between choosing and binding it) is started again
+    on fresh ports, twice at most; the error then carries its log."""
+    log_dir = tmp_path_factory.mktemp("ray")
+    errors = []
+    for attempt in range(3):
+        head, address, temp_dir = _start_head(log_dir / f"head-{attempt}.log")
+        try:
+            _wait_for_jobs_api(address, head)
+        except RuntimeError as error:
+            _stop_head(head, temp_dir)
+            errors.append(f"{error}\n{(log_dir / f'head-{attempt}.log').read_text(errors='replace')[-2000:]}")
+            continue
+        try:
+            yield address
+        finally:
+            _stop_head(head, temp_dir)
+        return
+    raise RuntimeError("ray start --head did not come up in 3 tries:\n" + "\n---\n".join(errors))
+
+
+def _start_head(log_path: Path) -> tuple[subprocess.Popen, str, str]:
     dashboard = free_port()
     ports = {
         "--port": free_port(),
@@ -44,7 +66,6 @@ def ray_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")  # noqa: SIM115 - closed below
     # A temp dir of its own (short: Ray's socket paths have a length limit): `ray start` records its
     # address in <temp dir>/ray_current_cluster, where in /tmp/ray every later bare ray.init() on this
     # machine (other tests, other sessions) would find it and attach to it.
@@ -63,19 +84,24 @@ def ray_head(tmp_path_factory):
         f"--temp-dir={temp_dir}",
         *(f"{k}={v}" for k, v in ports.items()),
     ]
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_jobs_api(address, head)
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # only the group this fixture started
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return head, f"http://127.0.0.1:{dashboard}", temp_dir
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop the process group this fixture started (it may have ended already)."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
-            head.wait(timeout=30)
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            head.wait(timeout=wait_s)
+            break
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            continue
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_jobs_api(address: str, head: subprocess.Popen, timeout_s: float = 180.0) -> None:
