@@ -7,7 +7,9 @@ Contributors: use the `ray_nodes` fixture (tests/cluster/conftest.py) rather tha
 
     def test_x(ray_nodes):
         ray_nodes.add_worker("worker-a")        # 2 CPUs, resource worker-a: 1, label medfusion.io/node=worker-a
-        env = ray_nodes.driver_env()            # RAY_ADDRESS + token: `medfusion train ...` in a subprocess
+        env = ray_nodes.driver_env()            # RAY_ADDRESS + token, for a driver process of your own
+        driver = ray_nodes.run_driver(["train", "--preset=tiny", ...])   # `medfusion train ...` on it
+        driver.wait_line(re.compile(r"epoch 1 step"), "epoch 1 steps", 300)   # its output, as it arrives
         ray_nodes.kill("worker-a")              # SIGKILL to the node's process group
         ray_nodes.wait_for(lambda: ray_nodes.node_state("worker-a") == "DEAD", "worker-a dead", 60)
 
@@ -26,11 +28,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -101,6 +106,58 @@ class RayNode:
             return Path(self.log_path).read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+
+@dataclass
+class Driver:
+    """`medfusion train` in a subprocess; its output lines, each with the time.monotonic() it arrived."""
+
+    process: subprocess.Popen
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    _new: queue.Queue = field(default_factory=queue.Queue)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            entry = (time.monotonic(), line.rstrip("\n"))
+            self.lines.append(entry)
+            self._new.put(entry)
+        self._new.put(None)
+
+    def wait_line(self, pattern: re.Pattern, what: str, timeout_s: float, after: float = 0.0) -> tuple[float, re.Match]:
+        """The first line (arrived after `after`) matching `pattern`, or fail naming `what` with the output tail."""
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while True:
+            for stamp, line in self.lines[seen:]:
+                seen += 1
+                match = pattern.search(line)
+                if match and stamp >= after:
+                    return stamp, match
+            if self.process.poll() is not None and self._drained():
+                raise AssertionError(f"{what}: the driver exited ({self.process.returncode}):\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout_s:.0f} s:\n{self.tail()}")
+            try:
+                self._new.get(timeout=0.5)
+            except queue.Empty:
+                pass
+
+    def _drained(self) -> bool:
+        time.sleep(0.5)
+        return self._new.empty()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(line for _, line in self.lines[-n:])
+
+    def finish(self, timeout_s: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"the driver did not end within {timeout_s:.0f} s (a hang):\n{self.tail()}") from None
 
 
 class RayNodes:
@@ -202,6 +259,19 @@ class RayNodes:
         self.wait_for(lambda: self.node_state(name) == "ALIVE", f"node {name} joins", timeout_s, node)
         return node
 
+    def run_driver(self, args: list[str]) -> Driver:
+        """`medfusion ARGS` in a subprocess attached to this cluster (a driver on the head's machine);
+        its output is read line by line as it arrives."""
+        process = subprocess.Popen(
+            [sys.executable, "-m", "medfusion.cli", *args],
+            env=self.driver_env({"PYTHONUNBUFFERED": "1"}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        return Driver(process)
+
     def kill(self, name: str) -> float:
         """Lose node `name` at once (SIGKILL to its processes); returns the time.monotonic() of the kill."""
         node = self.nodes[name]
@@ -218,7 +288,8 @@ class RayNodes:
         order = [n for n in self.nodes.values() if n.name != "head"] + [
             n for n in self.nodes.values() if n.name == "head"
         ]
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        # SIGTERM lets `ray start --block` stop its children; what is left after 3 s is killed.
+        for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
             for node in order:
                 node.kill(sig)
             deadline = time.monotonic() + wait_s

@@ -75,6 +75,9 @@ def s3_run(dataset, s3_store, ray_local):
         (["precision=fp16"], "precision: fp16 needs use_gpu=true"),
         (["select_metric=val_bleu"], "select_metric: must be one of"),
         (["ray_address=ray://head:10001"], "ray_address: must be empty"),
+        (["placement_strategy=spread"], "placement_strategy: must be one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
+        (["worker_wait_s=0"], "worker_wait_s: must be > 0 seconds, got 0"),
+        (["log_every_steps=-1"], "log_every_steps: must be >= 0 (0 = per epoch only), got -1"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):

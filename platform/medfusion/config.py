@@ -457,6 +457,7 @@ class ServeConfig:
 STRATEGIES = ("deepspeed", "ddp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SELECT_MODES = ("auto", "min", "max")
 # What validation reports each epoch (all-reduced over workers); select_metric is one of these.
 VAL_METRICS = (
@@ -534,13 +535,22 @@ class TrainConfig:
     seed: int = 0
     """Seed of model initialization, shuffling and modality dropout."""
     max_failures: int = 2
-    """Worker-group restarts from the last checkpoint before a crashed run fails (Ray FailureConfig)."""
+    """Worker-group restarts from the last checkpoint before a crashed run fails (Ray FailureConfig):
+    a worker process that dies, or a node lost under a worker."""
+    placement_strategy: str = "PACK"
+    """How the workers' placement group spreads over Ray nodes: PACK (fewest nodes), SPREAD (as many as
+    it can), STRICT_SPREAD (one worker per node, or wait), STRICT_PACK (one node)."""
+    worker_wait_s: float = 600.0
+    """How long a start or restart waits for the workers' resources (a lost node's replacement to join)
+    before the run fails, naming the lost node and the resources it waited for."""
     max_steps_per_epoch: int = 0
     """Cap on optimizer steps per epoch (quick runs, benchmarks); 0 takes the whole split."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer (0 keeps shard order)."""
     evaluate: bool = True
     """Evaluate the best model on the test split at the end (metrics.json, plots, report.html)."""
+    log_every_steps: int = 50
+    """Rank 0 prints a progress line every this many optimizer steps (epoch, step, loss); 0 only per epoch."""
     fault_inject_step: int = 0
     """Testing: the last worker kills itself (SIGKILL) once at this global step; 0 never."""
 
@@ -586,11 +596,22 @@ class TrainConfig:
         )
         check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
         check(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "placement_strategy",
+            f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}",
+        )
+        check(self.worker_wait_s > 0, "worker_wait_s", f"must be > 0 seconds, got {self.worker_wait_s}")
+        check(
             self.max_steps_per_epoch >= 0,
             "max_steps_per_epoch",
             f"must be >= 0 (0 = whole split), got {self.max_steps_per_epoch}",
         )
         check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        check(
+            self.log_every_steps >= 0,
+            "log_every_steps",
+            f"must be >= 0 (0 = per epoch only), got {self.log_every_steps}",
+        )
         check(
             self.fault_inject_step >= 0, "fault_inject_step", f"must be >= 0 (0 = never), got {self.fault_inject_step}"
         )

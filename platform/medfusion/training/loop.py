@@ -200,7 +200,14 @@ def _train_epoch(engine: Engine, cfg: TrainConfig, job: TrainJob, epoch: int) ->
             data_wait += fetched - start
             step_time += done - start
         if (micro + 1) % cfg.grad_accum == 0:
-            _inject_fault(cfg, job.run_uri, engine.global_step, rank, world)
+            step = engine.global_step
+            if rank == 0 and not bench and cfg.log_every_steps and step % cfg.log_every_steps == 0:
+                print(
+                    f"[medfusion] epoch {epoch} step {step} ({(micro + 1) // cfg.grad_accum}/"
+                    f"{micro_batches // cfg.grad_accum}) loss {float(parts.get('total', float('nan'))):.4f}",
+                    flush=True,
+                )
+            _inject_fault(cfg, job.run_uri, step, rank, world)
     totals = _all_reduce_sum([samples, *sums.values()], engine.device)
     metrics = {
         f"train_{name}_loss" if name != "total" else "train_loss": v / max(totals[0], 1)
@@ -368,6 +375,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     engine = build_engine(model, cfg, total_steps=job.steps_per_epoch * cfg.epochs)
     bench = job.bench
 
+    # Where every rank runs (a restart after a lost node lands on other nodes): printed and returned.
+    worker_nodes = _all_gather(ray.get_runtime_context().get_node_id())
+    if rank == 0 and not bench:
+        print(
+            "[medfusion] workers on nodes: " + ", ".join(f"rank {r} {n}" for r, n in enumerate(worker_nodes)),
+            flush=True,
+        )
+
     state = TrainingState()
     checkpoint = None if bench else ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -413,4 +428,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "best_epoch": state.best_epoch,
         "stopped_early": state.stopped_early,
         "world_size": world,
+        "worker_nodes": worker_nodes,
     }

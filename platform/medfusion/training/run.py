@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +29,7 @@ from medfusion.training.rundir import (
     check_run_folder,
     run_uri_of,
 )
-from medfusion.training.runtime import ensure_ray, worker_env, worker_resources
+from medfusion.training.runtime import WORKER_WAIT_ENV, ensure_ray, worker_env, worker_resources
 
 if TYPE_CHECKING:
     from medfusion.data.dataset import DatasetInfo
@@ -154,13 +156,19 @@ def build_trainer(cfg: TrainConfig, info: DatasetInfo, job: TrainJob, callbacks:
         train_loop_config=job.to_dict(),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg),
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage_path,
             storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # A worker lost with its node is a worker-group failure (max_failures restarts). Waiting
+            # for the workers' resources is bounded by worker_wait_s (WORKER_WAIT_ENV), and a start
+            # that times out ends the run instead of waiting again forever (Ray's default, -1).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
             callbacks=list(callbacks),
@@ -184,18 +192,83 @@ def fit(cfg: TrainConfig, info: DatasetInfo, job: TrainJob, callbacks: Sequence[
 
     started = ensure_ray(cfg)
     quiet_ray_data()
+    nodes_at_start = alive_nodes()
     try:
         trainer = build_trainer(cfg, info, job, callbacks)
         try:
-            result = trainer.fit()
+            # Read by Ray Train's controller, which gets the driver's RAY_TRAIN_* variables.
+            with _environ({WORKER_WAIT_ENV: str(cfg.worker_wait_s)}):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as err:
-            raise RuntimeError(f"training run {job.run_uri} failed: {err}") from err
+            raise RuntimeError(
+                f"training run {job.run_uri} failed: {_failure_message(err, cfg, nodes_at_start)}"
+            ) from err
         out = dict(result.return_value or {})
         out["checkpoint_uri"] = _checkpoint_uri(cfg, result)
         return out
     finally:
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def alive_nodes() -> dict[str, dict[str, Any]]:
+    """The cluster's alive nodes by id: address, resources and labels (ray.nodes())."""
+    import ray
+
+    return {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+
+
+def describe_node(node: Mapping[str, Any]) -> str:
+    """`<id> (<address>, <labels>, resources <CPU/GPU/custom>)` of one ray.nodes() entry."""
+    labels = {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
+    resources = {
+        k: v
+        for k, v in (node.get("Resources") or {}).items()
+        if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+    }
+    parts = [node.get("NodeManagerAddress", "?")]
+    if labels:
+        parts.append(", ".join(f"{k}={v}" for k, v in sorted(labels.items())))
+    parts.append(f"resources {resources}")
+    return f"{node['NodeID']} ({'; '.join(parts)})"
+
+
+def _failure_message(err: Exception, cfg: TrainConfig, nodes_at_start: Mapping[str, Mapping[str, Any]]) -> str:
+    """The error, and when the workers could not be (re)started in time: the nodes lost since the run
+    started, the resources the workers waited for and what the cluster has now."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    cause = getattr(err, "controller_failure", None)
+    if not isinstance(cause, WorkerGroupStartupTimeoutError):
+        return str(err)
+    now = alive_nodes()
+    lost = [node for node_id, node in nodes_at_start.items() if node_id not in now]
+    wanted = worker_resources(cfg)
+    lines = [
+        f"the workers' resources did not become available within worker_wait_s={cfg.worker_wait_s:g} s: "
+        f"{cfg.num_workers} workers x {wanted} with placement_strategy={cfg.placement_strategy}."
+    ]
+    lines += [f"  lost node: {describe_node(node)}" for node in lost] or ["  no node was lost since the run started"]
+    lines += [f"  alive node: {describe_node(node)}" for node in now.values()]
+    lines.append(
+        "Add nodes (or wait for the lost one's replacement) and resume with `medfusion train "
+        f"resume={storage.join(cfg.storage_uri, cfg.name)}`, or lower num_workers/cpus_per_worker."
+    )
+    return "\n".join(lines)
 
 
 def _checkpoint_uri(cfg: TrainConfig, result: Any) -> str:
@@ -232,6 +305,7 @@ def _write_outputs(cfg: TrainConfig, run_uri: str, out: dict[str, Any], test_row
         test_metrics=test_metrics,
         evaluate_uri=evaluate_uri,
         history=history,
+        worker_nodes=list(out.get("worker_nodes", [])),
     )
     metrics = {
         "run_uri": run_uri,
@@ -245,6 +319,7 @@ def _write_outputs(cfg: TrainConfig, run_uri: str, out: dict[str, Any], test_row
         "history": history,
         "test": test_metrics,
         "evaluate_uri": evaluate_uri,
+        "worker_nodes": result.worker_nodes,
     }
     storage.write_json(result.metrics_uri, metrics)
     storage.write_json(storage.join(run_uri, RESULT_FILE), dataclasses.asdict(result))

@@ -48,6 +48,8 @@ class TrainResult:
     test_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_uri: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)
+    """Ray node id of each rank in the last (re)start of the workers."""
 
     def summary(self) -> str:
         """What `medfusion train` prints."""

@@ -11,6 +11,8 @@ from medfusion import storage
 from medfusion.config import TrainConfig
 
 WORKER_MEMORY_PLACEHOLDER = 64 * 2**20  # bytes
+# Ray Train's bound on one wait for the workers' placement group (TrainConfig.worker_wait_s).
+WORKER_WAIT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
