@@ -110,9 +110,11 @@ class RayNode:
 
 @dataclass
 class Driver:
-    """`medfusion train` in a subprocess; its output lines, each with the time.monotonic() it arrived."""
+    """A `medfusion` command in a subprocess; its output lines, each with the time.monotonic() it
+    arrived, also written to `log_path` as they arrive (to follow a long test with tail -f)."""
 
     process: subprocess.Popen
+    log_path: str = ""
     lines: list[tuple[float, str]] = field(default_factory=list)
     _new: queue.Queue = field(default_factory=queue.Queue)
 
@@ -120,11 +122,17 @@ class Driver:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
+        log = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115 - closed below
         for line in self.process.stdout:
             entry = (time.monotonic(), line.rstrip("\n"))
             self.lines.append(entry)
             self._new.put(entry)
+            if log is not None:
+                log.write(line)
+                log.flush()
         self._new.put(None)
+        if log is not None:
+            log.close()
 
     def wait_line(self, pattern: re.Pattern, what: str, timeout_s: float, after: float = 0.0) -> tuple[float, re.Match]:
         """The first line (arrived after `after`) matching `pattern`, or fail naming `what` with the output tail."""
@@ -134,7 +142,7 @@ class Driver:
             for stamp, line in self.lines[seen:]:
                 seen += 1
                 match = pattern.search(line)
-                if match and stamp >= after:
+                if match and stamp > after:
                     return stamp, match
             if self.process.poll() is not None and self._drained():
                 raise AssertionError(f"{what}: the driver exited ({self.process.returncode}):\n{self.tail()}")
@@ -163,12 +171,19 @@ class Driver:
 class RayNodes:
     """A head and worker nodes on loopback; see the module docstring."""
 
-    def __init__(self, *, head_env: dict[str, str] | None = None, head_cpus: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        head_env: dict[str, str] | None = None,
+        head_cpus: int = 0,
+        head_resources: dict[str, float] | None = None,
+    ) -> None:
         self.token = uuid.uuid4().hex
         self.nodes: dict[str, RayNode] = {}
         self.ports = dict(zip(HEAD_PORT_FLAGS, free_ports(len(HEAD_PORT_FLAGS))))
         self.head_env = dict(head_env or {})
         self.head_cpus = head_cpus
+        self.head_resources = dict(head_resources or {})
 
     # ----------------------------------------------------------------------------------- addresses
 
@@ -228,6 +243,7 @@ class RayNodes:
             [
                 "--head",
                 f"--num-cpus={self.head_cpus}",
+                *([f"--resources={json.dumps(self.head_resources)}"] if self.head_resources else []),
                 f"--object-store-memory={100 * 2**20}",
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
@@ -270,7 +286,9 @@ class RayNodes:
             text=True,
             start_new_session=True,
         )
-        return Driver(process)
+        log_path = os.path.join(self.nodes["head"].temp_dir, f"driver-{args[0]}-{process.pid}.log")
+        print(f"[multinode] `medfusion {args[0]}` output: {log_path}", flush=True)
+        return Driver(process, log_path)
 
     def kill(self, name: str) -> float:
         """Lose node `name` at once (SIGKILL to its processes); returns the time.monotonic() of the kill."""

@@ -99,6 +99,9 @@ def test_search_space_errors_name_the_key(space, message):
         ),
         ({"seeds": 1}, "seeds: must be 0 (no ablation) or >= 2"),
         ({"resume": True}, "name: is required with resume=true"),
+        ({"trial_resources": {"CPU": 1}}, "trial_resources.CPU: must be a custom resource"),
+        ({"trial_resources": {"trial-driver": 0}}, "trial_resources.trial-driver: must be a number > 0, got 0"),
+        ({"trial_resources": {"trial-driver": "one"}}, "trial_resources.trial-driver: must be a number > 0"),
     ],
 )
 def test_tune_config_errors_name_the_field(values, message):

@@ -379,7 +379,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     worker_nodes = _all_gather(ray.get_runtime_context().get_node_id())
     if rank == 0 and not bench:
         print(
-            "[medfusion] workers on nodes: " + ", ".join(f"rank {r} {n}" for r, n in enumerate(worker_nodes)),
+            "[medfusion] workers on nodes: "
+            + ", ".join(f"rank {r} {n}" for r, n in enumerate(worker_nodes))
+            + f" (run {cfg.name})",
             flush=True,
         )
 
@@ -388,7 +390,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = TrainingState(**engine.load(folder)[STATE_KEY])
-        print(f"[medfusion] rank {rank}: resumed at epoch {state.epoch}, global step {engine.global_step}", flush=True)
+        print(
+            f"[medfusion] rank {rank}: resumed at epoch {state.epoch}, global step {engine.global_step} "
+            f"(run {cfg.name})",
+            flush=True,
+        )
 
     mode = cfg.mode
     for epoch in range(state.epoch, 1 if bench else cfg.epochs):

@@ -64,6 +64,11 @@ class TuneConfig:
     trial_cpus: float = 0.0
     """CPUs reserved for each trial's driver (the Tune function that runs the TorchTrainer); it mostly
     waits, so 0 lets the Train workers and Ray Data have the cores."""
+    trial_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each trial's driver reserves besides trial_cpus, to choose the nodes it
+    runs on: e.g. {trial-driver: 1} with a head that advertises trial-driver: 1000 keeps every driver
+    on the head, so a lost worker node (a spot instance reclaimed) takes only the Train workers of the
+    trials on it, and those trials are retried (max_failures), never the others."""
     grace_period: int = 1
     """ASHA: epochs every trial runs before it may be stopped."""
     reduction_factor: float = 2.0
@@ -112,6 +117,17 @@ class TuneConfig:
             f"must be >= 0 (0 = as resources allow), got {self.max_concurrent_trials}",
         )
         check(self.trial_cpus >= 0, "trial_cpus", f"must be >= 0, got {self.trial_cpus}")
+        for resource, amount in self.trial_resources.items():
+            check(
+                resource not in ("CPU", "GPU", "cpu", "gpu", "memory"),
+                f"trial_resources.{resource}",
+                "must be a custom resource (trial_cpus reserves CPUs; train.use_gpu the workers' GPUs)",
+            )
+            check(
+                isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0,
+                f"trial_resources.{resource}",
+                f"must be a number > 0, got {amount!r}",
+            )
         check(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
         check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
         check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")

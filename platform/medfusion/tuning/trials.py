@@ -177,6 +177,7 @@ def run_experiment(
     path = f"{root}/{tune_dir}" if fs is not None else os.path.join(root, tune_dir)
     # A trial's resources cannot be empty: with no CPU reserved, a little memory stands in.
     resources = {"cpu": cfg.trial_cpus} if cfg.trial_cpus else {"cpu": 0, "memory": WORKER_MEMORY_PLACEHOLDER}
+    resources.update({name: float(amount) for name, amount in cfg.trial_resources.items()})
     trainable = tune.with_resources(trainable, resources)
     if cfg.resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[medfusion] resuming {storage.join(sweep_uri, tune_dir)}: finished trials are kept", flush=True)
