@@ -44,14 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medfusion.orchestration.kuberay import GCS_HEALTH_CHECK_ENV
 from medfusion.store import free_ports
 
-# Detect a lost node in ~3 s (GCS health checks); the same values are set in k8s/ (RAY_health_check_*).
-HEALTH_CHECK_ENV = {
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "3",
-}
+# Detect a lost node in ~3 s (GCS health checks): the values every head in k8s/ carries.
+HEALTH_CHECK_ENV = GCS_HEALTH_CHECK_ENV
 NODE_LABEL = "medfusion.io/node"
 HEAD_PORT_FLAGS = (
     "--port",

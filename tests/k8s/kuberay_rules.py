@@ -9,6 +9,8 @@ Each function names the controller file and function of ray-project/kuberay (tag
   the API server accepted.
 - `ingress_allowed`: the NetworkPolicy ingress semantics (Kubernetes networking/v1), to ask whether
   the operator's calls (`OPERATOR_CALLS`) reach a Ray pod.
+- `worker_gcs_reconnect_timeout_s`, `head_pod_serves_traffic`: what a node failure meets on a Ray pod as
+  KubeRay starts it (how long a worker outlives its head, which pods the Serve Service sends traffic to).
 """
 
 from __future__ import annotations
@@ -271,3 +273,44 @@ def ray_pod_labels(obj: dict, node_type: str, group: str = "") -> dict[str, str]
     template_labels = spec["template"].get("metadata", {}).get("labels", {})
     labels.update({k: v for k, v in template_labels.items() if k not in (NODE_TYPE, "ray.io/group", "ray.io/cluster")})
     return labels
+
+
+# ------------------------------------------------------------------------ node failures (common/pod.go)
+
+GCS_RECONNECT_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"  # utils/constant.go
+DEFAULT_WORKER_GCS_RECONNECT_TIMEOUT_S = 600  # utils/constant.go DefaultWorkerRayGcsReconnectTimeoutS
+RAY_GCS_RECONNECT_TIMEOUT_S = 60  # Ray's own default of gcs_rpc_server_reconnect_timeout_s
+FT_ENABLED_ANNOTATION = "ray.io/ft-enabled"  # utils/constant.go RayFTEnabledAnnotationKey
+
+
+def gcs_fault_tolerant(obj: dict) -> bool:
+    """utils/util.go IsGCSFaultToleranceEnabled: gcsFaultToleranceOptions set, or the ft-enabled annotation."""
+    annotations = obj["metadata"].get("annotations", {})
+    return _cluster_spec(obj).get("gcsFaultToleranceOptions") is not None or (
+        annotations.get(FT_ENABLED_ANNOTATION, "").lower() == "true"
+    )
+
+
+def worker_gcs_reconnect_timeout_s(obj: dict, group: str) -> int:
+    """How long a worker of `group` outlives an unreachable GCS (a head restarting) before its raylet exits.
+
+    common/pod.go configureGCSFaultTolerance: with GCS fault tolerance, a worker container without
+    RAY_gcs_rpc_server_reconnect_timeout_s gets DefaultWorkerRayGcsReconnectTimeoutS (600); else the
+    container's own value holds, and without either Ray's default (60).
+    """
+    (spec,) = [g for g in _cluster_spec(obj)["workerGroupSpecs"] if g["groupName"] == group]
+    container = spec["template"]["spec"]["containers"][0]
+    own = [e.get("value") for e in container.get("env", []) if e["name"] == GCS_RECONNECT_TIMEOUT_ENV]
+    if own:
+        return int(own[-1])
+    return DEFAULT_WORKER_GCS_RECONNECT_TIMEOUT_S if gcs_fault_tolerant(obj) else RAY_GCS_RECONNECT_TIMEOUT_S
+
+
+def head_pod_serves_traffic(obj: dict) -> bool:
+    """Whether a RayService's Serve Service (<name>-serve-svc) may send requests to the head pod.
+
+    common/pod.go BuildPod labels a RayService's workers ray.io/serve=true (their readiness probe, on the
+    Serve proxy, gates them) and its head "false"; rayservice_controller.go updateHeadPodServeLabel turns
+    the head's to "true" once its proxy is healthy, unless spec.excludeHeadPodFromServeSvc.
+    """
+    return obj["kind"] == "RayService" and not obj["spec"].get("excludeHeadPodFromServeSvc", False)

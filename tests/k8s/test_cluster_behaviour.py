@@ -373,6 +373,99 @@ def test_prod_serving_head_survives_a_restart_with_redis():
     assert "gcsFaultToleranceOptions" not in dev["spec"]["rayClusterConfig"], "dev runs without Redis"
 
 
+# ------------------------------------------------------------ 9. node failures (tests/cluster measured)
+# tests/cluster ran real Ray nodes with these settings and lost a worker node under training and under
+# Serve load, and restarted a head with and without Redis (README "Node failures on Kubernetes"); every
+# Ray object here is held to what those runs used.
+
+
+def _head_env(obj: dict) -> dict[str, str | None]:
+    container = _cluster(obj)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _deployments(document: dict) -> dict[str, dict]:
+    (app,) = document["applications"]
+    return {d["name"]: d for d in app.get("deployments", [])}
+
+
+@pytest.mark.parametrize("name,obj", RAY_OBJECTS, ids=RAY_IDS)
+def test_every_gcs_declares_a_lost_node_dead_within_seconds(name, obj):
+    # The GCS, on the head, reads RAY_health_check_*: 3 missed 1-s checks (measured: DEAD 2-3 s after the
+    # kill), not Ray's 5 missed 3-s checks with a 10-s timeout.
+    from medfusion.orchestration.kuberay import GCS_HEALTH_CHECK_ENV
+
+    env = _head_env(obj)
+    assert {key: env.get(key) for key in GCS_HEALTH_CHECK_ENV} == GCS_HEALTH_CHECK_ENV, name
+
+
+@pytest.mark.parametrize("name,obj", RAY_OBJECTS, ids=RAY_IDS)
+def test_workers_outlive_a_head_restart_where_redis_keeps_the_cluster(name, obj):
+    # kuberay_rules.worker_gcs_reconnect_timeout_s follows common/pod.go configureGCSFaultTolerance.
+    for group in _cluster(obj).get("workerGroupSpecs", []):
+        timeout = kr.worker_gcs_reconnect_timeout_s(obj, group["groupName"])
+        if kr.gcs_fault_tolerant(obj):
+            # Longer than a head pod takes to come back anywhere (tests/cluster: a 4-s restart, 30 s set).
+            assert timeout == kr.DEFAULT_WORKER_GCS_RECONNECT_TIMEOUT_S, (name, group["groupName"])
+        else:
+            # Without Redis a restarted head is a new, empty cluster: the old workers can only exit (and
+            # their pods be recreated), so they are not kept waiting past Ray's default.
+            assert timeout == kr.RAY_GCS_RECONNECT_TIMEOUT_S, (name, group["groupName"])
+
+
+SERVICES = [(name, o) for name, o in RAY_OBJECTS if o["kind"] == "RayService" and not name.startswith("generated")]
+
+
+@pytest.mark.parametrize("name,document", SERVE_DOCS, ids=[n for n, _ in SERVE_DOCS])
+def test_a_lost_node_takes_one_model_replica_at_most(name, document):
+    from medfusion.orchestration.deploy import MODEL_DEPLOYMENT, MODEL_REPLICAS_PER_NODE
+
+    assert document["proxy_location"] == "EveryNode", name  # a proxy in every pod of the Serve Service
+    assert _deployments(document)[MODEL_DEPLOYMENT]["max_replicas_per_node"] == MODEL_REPLICAS_PER_NODE == 1, name
+
+
+@pytest.mark.parametrize("name,service", SERVICES, ids=[n for n, _ in SERVICES])
+def test_each_serving_worker_has_an_ingress_and_the_head_takes_no_traffic(name, service):
+    # tests/cluster/test_serve_nodes.py: the ingress on the node of the proxy that takes the traffic (an
+    # ingress lost under a request is a 500 from the proxy: 8 of 2,597 with it elsewhere); test_gcs_ft.py:
+    # the ingress off the 0-CPU head, so that a head restart does not take it. Serve's proxy prefers the
+    # ingress on its own node, so one ingress per worker and no traffic to the head's proxy
+    # (kuberay_rules.head_pod_serves_traffic) give both.
+    from medfusion.orchestration.deploy import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+
+    cluster = _cluster(service)
+    (group,) = cluster["workerGroupSpecs"]
+    deployments = _deployments(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    ingress, model = deployments[INGRESS_DEPLOYMENT], deployments[MODEL_DEPLOYMENT]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert ingress["ray_actor_options"]["num_cpus"] > 0, "a 0-CPU ingress may land on the 0-CPU head"
+    assert ingress["max_replicas_per_node"] == 1 and ingress["num_replicas"] == group["minReplicas"], name
+    assert not kr.head_pod_serves_traffic(service), name
+    autoscaling = model["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (group["minReplicas"], group["maxReplicas"])
+    assert group["replicas"] == group["minReplicas"], name
+
+
+def test_prod_keeps_a_model_replica_serving_through_a_lost_node_or_a_drain():
+    # The Serve cluster test: 2 replicas on 2 nodes, one node lost under 16 clients, 0 failed requests.
+    from medfusion.orchestration.deploy import MODEL_DEPLOYMENT
+
+    objects = _rendered("prod")
+    (service,) = [o for o in objects if o["kind"] == "RayService"]
+    (budget,) = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    model = _deployments(yaml.safe_load(service["spec"]["serveConfigV2"]))[MODEL_DEPLOYMENT]
+    assert model["autoscaling_config"]["min_replicas"] >= 2
+    # A lost pod takes max_replicas_per_node replicas; a drain evicts maxUnavailable pods at a time.
+    for pods_at_once in (1, budget["spec"]["maxUnavailable"]):
+        assert model["autoscaling_config"]["min_replicas"] - pods_at_once * model["max_replicas_per_node"] >= 1
+    assert kr.gcs_fault_tolerant(service)
+    (worker,) = _cluster(service)["workerGroupSpecs"]
+    explicit = [
+        e for e in worker["template"]["spec"]["containers"][0]["env"] if e["name"] == kr.GCS_RECONNECT_TIMEOUT_ENV
+    ]
+    assert explicit == [{"name": kr.GCS_RECONNECT_TIMEOUT_ENV, "value": "600"}], "set in the overlay, so it shows"
+
+
 def test_rayservice_upgrades_by_a_new_cluster():
     # rayservice_controller.go shouldPrepareNewCluster: a rayClusterConfig change makes a new cluster only
     # when zero-downtime upgrades are on (isZeroDowntimeUpgradeEnabled): say so instead of relying on it.
@@ -440,6 +533,29 @@ def test_readme_platform_path_says_what_the_operator_needs():
     ):
         assert needed in section, f"README's platform-engineer section does not mention {needed!r}"
     assert "DS_ACCELERATOR= " not in section and "DS_ACCELERATOR= " not in (ROOT / "Dockerfile").read_text()
+
+
+def test_readme_says_which_node_failures_the_manifests_survive():
+    readme = (ROOT / "README.md").read_text()
+    platform = readme.split("### Platform engineer", 1)[1].split("\n## ", 1)[0]
+    assert "#### Node failures on Kubernetes" in platform
+    section = platform.split("#### Node failures on Kubernetes", 1)[1]
+    for needed in (
+        "RAY_health_check_period_ms",
+        "gcsFaultToleranceOptions",
+        "RAY_gcs_rpc_server_reconnect_timeout_s",
+        "max_replicas_per_node",
+        "excludeHeadPodFromServeSvc",
+        "proxy_location",
+        "Retry-After",
+        "placement_strategy",
+        "worker_wait_s",
+        "max_failures",
+        "PodDisruptionBudget",
+        "pytest tests/cluster -s",
+        "ray_nodes",
+    ):
+        assert needed in section, f"README's 'Node failures on Kubernetes' does not mention {needed!r}"
 
 
 def test_secret_templates_are_not_applied():

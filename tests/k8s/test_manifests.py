@@ -25,13 +25,19 @@ OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yam
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 # Paths where the RayService's serveConfigV2 may differ from serve/serve_config.yaml: replicas on GPUs;
 # the model from the registry (what a pipeline deploy published last, so `kubectl apply -k` keeps it);
-# shutdown longer than the request timeout and health checks (serve/serve_config.yaml has Serve's defaults).
+# shutdown longer than the request timeout and health checks (serve/serve_config.yaml has Serve's defaults);
+# the placement that lets a node fail (two of each, one per node, the ingress off the head: README "Node
+# failures on Kubernetes"; serve/serve_config.yaml also deploys onto a one-node Ray).
 _LIFECYCLE = ("graceful_shutdown_timeout_s", "health_check_period_s", "health_check_timeout_s")
 SERVE_CONFIG_K8S_ONLY = {
     ("applications", 0, "deployments", 1, "ray_actor_options", "num_gpus"),
     ("applications", 0, "args", "model"),
     ("applications", 0, "args", "registry_uri"),
     *(("applications", 0, "deployments", i, field) for i in (0, 1) for field in _LIFECYCLE),
+    *(("applications", 0, "deployments", i, "max_replicas_per_node") for i in (0, 1)),
+    ("applications", 0, "deployments", 0, "num_replicas"),
+    ("applications", 0, "deployments", 0, "ray_actor_options", "num_cpus"),
+    ("applications", 0, "deployments", 1, "autoscaling_config", "min_replicas"),
 }
 
 
@@ -447,3 +453,7 @@ def test_rayjob_entrypoint_is_a_real_train_command():
     assert cfg.use_gpu and cfg.ray_address == ""
     gpus = sum(g["replicas"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpus == cfg.num_workers, "one GPU worker pod per Ray Train worker"
+    # What tests/cluster/test_train_nodes.py ran: one worker per node, so a lost pod takes one worker and
+    # the run resumes from its checkpoint on the pod KubeRay recreates, or fails after worker_wait_s.
+    assert cfg.placement_strategy == "STRICT_SPREAD" and cfg.max_failures >= 1
+    assert cfg.worker_wait_s < job["spec"]["activeDeadlineSeconds"]

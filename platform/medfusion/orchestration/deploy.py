@@ -41,6 +41,10 @@ MODEL_DEPLOYMENT = "MedFusionDeployment"
 SHUTDOWN_MARGIN_S = 15.0
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
+# One model replica per Ray node: a lost node takes one replica, and the others keep serving (the
+# ingress retries a request lost with its replica on another). On a one-node cluster the model
+# deployment then runs one replica whatever its autoscaling_config says.
+MODEL_REPLICAS_PER_NODE = 1
 
 
 def serve_config_document(
@@ -73,8 +77,16 @@ def serve_config_document(
         "route_prefix": route_prefix,
         "import_path": SERVE_IMPORT_PATH,
         "args": dict(args),
-        # Only what build_app does not derive from args: shutdown and health checks of every deployment.
-        "deployments": [{"name": name, **lifecycle} for name in names],
+        # Only what build_app does not derive from args: shutdown and health checks of every deployment,
+        # and the model replicas' spread over nodes.
+        "deployments": [
+            {
+                "name": name,
+                **lifecycle,
+                **({"max_replicas_per_node": MODEL_REPLICAS_PER_NODE} if name == MODEL_DEPLOYMENT else {}),
+            }
+            for name in names
+        ],
     }
     return {
         "proxy_location": "EveryNode",

@@ -40,6 +40,15 @@ RAY_AUTH_SECRET_KEY = "auth_token"  # the key KubeRay reads (utils/constant.go R
 RAY_AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"  # where Ray, KubeRay's pods and medfusion.orchestration.jobs read it
 SERVE_TOKEN_SECRET = "medfusion-serve-token"
 SERVE_TOKEN_SECRET_KEY = "token"
+# How soon the GCS declares a lost node dead: a health check every second, 1 s to answer, dead after 3
+# missed (2-3 s measured in tests/cluster, whose nodes run with these values). Ray's defaults (every 3 s,
+# a 10 s timeout, 5 misses) take 15 s, and up to 50 s for a pod whose IP stops answering. The GCS reads
+# them, so they go on every head.
+GCS_HEALTH_CHECK_ENV = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
 # A RayJob's jobDeploymentStatus once KubeRay is done with it (rayjob_types.go IsJobDeploymentTerminal,
 # and ValidationFailed, which it never leaves); jobStatus FAILED alone may still become Retrying.
 RAYJOB_FINISHED = ("Complete", "Failed", "ValidationFailed")
@@ -199,8 +208,8 @@ def _ray_container(
 
 
 def ray_cluster_spec(opts: KubeRayOptions, env: list[dict] | None = None, component: str = "stage") -> dict[str, Any]:
-    """A RayClusterSpec: CPU head (no tasks), GPU and CPU worker groups (autoscaled where a group's most
-    exceeds its start size), Ray token auth, hardened pods labelled with `component`."""
+    """A RayClusterSpec: CPU head (no tasks, `GCS_HEALTH_CHECK_ENV`), GPU and CPU worker groups (autoscaled
+    where a group's most exceeds its start size), Ray token auth, hardened pods labelled with `component`."""
     env = list(env or [])
     image = opts.image or DEFAULT_IMAGE
     labels = {"app.kubernetes.io/name": "medfusion", "app.kubernetes.io/component": component}
@@ -211,7 +220,7 @@ def ray_cluster_spec(opts: KubeRayOptions, env: list[dict] | None = None, compon
         opts.head_cpu,
         opts.head_memory,
         opts,
-        env,
+        [*env, *({"name": k, "value": v} for k, v in GCS_HEALTH_CHECK_ENV.items())],
         ports=[
             {"containerPort": 6379, "name": "gcs-server"},
             {"containerPort": 8265, "name": "dashboard"},
