@@ -64,6 +64,7 @@ def _train(ray_nodes, dataset_uri: str, storage_uri: str, name: str, *extra: str
         "warmup_steps=2",
         "shuffle_buffer=0",
         "log_every_steps=1",
+        "max_steps_per_epoch=8",
         "evaluate=false",
         "patience=0",
         *extra,

@@ -26,6 +26,7 @@ import time
 import pytest
 
 from medfusion import storage
+from medfusion.orchestration.kuberay import TRIAL_DRIVER_RESOURCE
 from medfusion.tuning import results as R
 from multinode import RayNodes
 
@@ -38,8 +39,8 @@ RESUMED_LINE = re.compile(r"\[medfusion\] rank 0: resumed at epoch (\d+), global
 
 @pytest.fixture
 def sweep_nodes(s3_store):
-    """A head (0 CPUs, trial-driver: 100) and two worker nodes of 3 CPUs each."""
-    nodes = RayNodes(head_resources={"trial-driver": 100})
+    """A head (0 CPUs, trial-driver: 100, as k8s/ heads advertise it) and two worker nodes of 3 CPUs each."""
+    nodes = RayNodes(head_resources={TRIAL_DRIVER_RESOURCE: 100})
     try:
         nodes.start_head()
         nodes.add_worker("worker-a", cpus=3)
@@ -73,7 +74,7 @@ def test_a_lost_node_retries_its_trial_and_leaves_the_other_alone(sweep_nodes, s
             *["tune", "--preset", "tiny", "--data", sweep_dataset, "--name", "spread", "--seeds", "0"],
             *[f"storage_uri={storage_uri}", "register=false", "search=grid", "scheduler=fifo"],
             *["search_space.model.fusion=[concat, gated]", "max_concurrent_trials=2", "max_failures=1"],
-            *["trial_cpus=0", "trial_resources={trial-driver: 1}"],
+            *["trial_cpus=0", f"trial_resources={{{TRIAL_DRIVER_RESOURCE}: 1}}"],
             *[f"data.image_size={IMAGE}", "data.batch_size=16", "train.epochs=3", f"train.max_steps_per_epoch={STEPS}"],
             *["train.num_workers=1", "train.cpus_per_worker=2", "train.max_failures=0", "train.worker_wait_s=300"],
             *["train.warmup_steps=1", "train.shuffle_buffer=0", "train.evaluate=false"],

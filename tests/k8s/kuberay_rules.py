@@ -11,6 +11,7 @@ Each function names the controller file and function of ray-project/kuberay (tag
   the operator's calls (`OPERATOR_CALLS`) reach a Ray pod.
 - `worker_gcs_reconnect_timeout_s`, `head_pod_serves_traffic`: what a node failure meets on a Ray pod as
   KubeRay starts it (how long a worker outlives its head, which pods the Serve Service sends traffic to).
+- `custom_resources`: the custom Ray resources a group's pods advertise (`ray start --resources`).
 """
 
 from __future__ import annotations
@@ -314,3 +315,24 @@ def head_pod_serves_traffic(obj: dict) -> bool:
     the head's to "true" once its proxy is healthy, unless spec.excludeHeadPodFromServeSvc.
     """
     return obj["kind"] == "RayService" and not obj["spec"].get("excludeHeadPodFromServeSvc", False)
+
+
+def custom_resources(group_spec: dict) -> dict[str, float]:
+    """The custom resources `ray start` gets for a head or worker group's pods.
+
+    common/pod.go updateRayStartParamsResources: the group's top-level `resources` (Kubernetes quantities)
+    other than cpu, memory and GPUs become rayStartParams["resources"] as JSON, replacing one given
+    there; getResourcesMap reads that JSON after trimming quotes (the old escaped form fails it).
+    """
+    import json
+
+    params = dict(group_spec.get("rayStartParams", {}))
+    own = {
+        name: float(quantity)
+        for name, quantity in group_spec.get("resources", {}).items()
+        if name.lower() not in ("cpu", "memory") and not name.lower().endswith("gpu")
+    }
+    if own:
+        return own
+    text = params.get("resources", "").strip("'\"` ")
+    return {k: float(v) for k, v in json.loads(text).items()} if text else {}

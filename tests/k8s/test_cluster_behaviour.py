@@ -563,3 +563,18 @@ def test_secret_templates_are_not_applied():
     templates = {p.name for p in BASE.glob("secret.*.template.yaml")}
     assert {"secret.s3.template.yaml", "secret.serve-token.template.yaml", "secret.ray-auth.template.yaml"} <= templates
     assert not listed & templates
+
+
+def _heads_that_run_sweeps() -> list[tuple[str, dict]]:
+    """The long-lived RayCluster (sweeps run there through the Jobs API) and every generated cluster."""
+    return [(name, obj) for name, obj in RAY_OBJECTS if obj["kind"] == "RayCluster" or name.startswith("generated:")]
+
+
+@pytest.mark.parametrize("name,obj", _heads_that_run_sweeps(), ids=[n for n, _ in _heads_that_run_sweeps()])
+def test_the_head_advertises_the_resource_that_keeps_trial_drivers_off_workers(name, obj):
+    from medfusion.orchestration.kuberay import TRIAL_DRIVER_RESOURCE
+
+    spec = _cluster(obj)
+    assert kr.custom_resources(spec["headGroupSpec"]).get(TRIAL_DRIVER_RESOURCE, 0) >= 100, name
+    for group in spec["workerGroupSpecs"]:
+        assert TRIAL_DRIVER_RESOURCE not in kr.custom_resources(group), f"{name}: {group['groupName']}"

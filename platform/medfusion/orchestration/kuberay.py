@@ -49,6 +49,11 @@ GCS_HEALTH_CHECK_ENV = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
 }
+# The custom resource only heads advertise: a sweep's trial drivers reserve it (TuneConfig.trial_resources)
+# to stay off worker pods that can be lost. A group's `resources` become `ray start --resources`
+# (KubeRay common/pod.go updateRayStartParamsResources).
+TRIAL_DRIVER_RESOURCE = "trial-driver"
+HEAD_RESOURCES = {TRIAL_DRIVER_RESOURCE: "1000"}
 # A RayJob's jobDeploymentStatus once KubeRay is done with it (rayjob_types.go IsJobDeploymentTerminal,
 # and ValidationFailed, which it never leaves); jobStatus FAILED alone may still become Retrying.
 RAYJOB_FINISHED = ("Complete", "Failed", "ValidationFailed")
@@ -262,6 +267,7 @@ def ray_cluster_spec(opts: KubeRayOptions, env: list[dict] | None = None, compon
         "authOptions": {"mode": "token", "secretName": opts.ray_auth_secret},
         "headGroupSpec": {
             "serviceType": "ClusterIP",
+            "resources": dict(HEAD_RESOURCES),
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": {"metadata": {"labels": dict(labels)}, "spec": _hardened_pod(head, opts, volumes=[logs])},
         },
