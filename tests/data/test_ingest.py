@@ -535,3 +535,29 @@ def test_a_deflate_bomb_in_a_manifest_is_read_without_inflating_it(tmp_path):
     assert [s.sample_id for s in samples] == ["m-1", "m-2"] and not source.rejected
     assert decode_image(samples[1].image).ndim == 2
     assert peak < 64 * 2**20, f"ingest held {peak / 2**20:.0f} MiB for a 256 MiB bomb"
+
+
+def test_a_patient_given_two_splits_is_refused_naming_the_patient_and_rows(tmp_path):
+    write_images(tmp_path)
+    rows = [
+        ("img/a.png", "normal", "", "", "", "p1", "train"),
+        ("img/b.jpg", "normal", "", "", "", "p1", "test"),
+        ("img/c.dcm", "normal", "", "", "", "p2", "val"),
+    ]
+    write_csv(tmp_path / "m.csv", ["image", "labels", "report", "findings", "box", "patient_id", "split"], rows)
+    with pytest.raises(IngestError) as info:
+        open_source(manifest_cfg(tmp_path / "m.csv"))
+    assert "1 patient(s) appear in more than one split" in str(info.value)
+    assert "patient 'p1': train (rows 1); test (rows 2)" in str(info.value)
+
+
+def test_rows_without_a_split_follow_their_patients_given_split(tmp_path):
+    write_images(tmp_path)
+    rows = [
+        ("img/a.png", "normal", "", "", "", "p1", "test"),
+        ("img/b.jpg", "normal", "", "", "", "p1", ""),
+        ("img/c.dcm", "normal", "", "", "", "p2", ""),
+    ]
+    write_csv(tmp_path / "m.csv", ["image", "labels", "report", "findings", "box", "patient_id", "split"], rows)
+    samples = list(open_source(manifest_cfg(tmp_path / "m.csv")))
+    assert [(s.patient_id, s.split) for s in samples] == [("p1", "test"), ("p1", "test"), ("p2", None)]

@@ -227,6 +227,37 @@ def _manifest_items(cfg: PrepareConfig) -> list[_Entry | Rejection]:
             items.append(Rejection(row, uri, str(err), shown))
     if not items:
         raise IngestError(f"manifest {uri}: no data rows")
+    return _keep_patients_whole(items, uri)
+
+
+def _keep_patients_whole(items: list[_Entry | Rejection], uri: str) -> list[_Entry | Rejection]:
+    """One patient, one split: a patient whose rows name different splits would leak between them.
+
+    Rows without a split follow the one their patient's other rows name (a hash split could send
+    them elsewhere).
+
+    Raises:
+        IngestError: a patient's rows name more than one split (the patient and rows are named).
+    """
+    given: dict[str, dict[str, list[int]]] = {}
+    for item in items:
+        if isinstance(item, _Entry) and item.split is not None:
+            given.setdefault(item.patient_id, {}).setdefault(item.split, []).append(item.row)
+    split_across = {patient: splits for patient, splits in given.items() if len(splits) > 1}
+    if split_across:
+        shown = [
+            f"patient {patient!r}: "
+            + "; ".join(f"{split} (rows {', '.join(map(str, rows))})" for split, rows in by.items())
+            for patient, by in sorted(split_across.items())
+        ]
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        raise IngestError(
+            f"manifest {uri}: {len(shown)} patient(s) appear in more than one split, which leaks them between "
+            f"train and evaluation; give each patient one split: " + " | ".join(shown[:5]) + more
+        )
+    for item in items:
+        if isinstance(item, _Entry) and item.split is None and item.patient_id in given:
+            (item.split,) = given[item.patient_id]
     return items
 
 
