@@ -100,6 +100,9 @@ class SplitConfig:
         check(self.val + self.test < 1.0, "split", "val + test must leave room for train")
 
 
+BOX_FORMATS = ("xyxy", "xywh")
+
+
 @dataclass
 class PrepareConfig:
     """The prepare stage: read a source, write Parquet shards and manifest.json."""
@@ -118,6 +121,9 @@ class PrepareConfig:
     """Fail the run when more than this fraction of rows is rejected."""
     max_report_chars: int = 20000
     """Reports and findings longer than this are truncated (with a count in the manifest)."""
+    box_format: str = "xyxy"
+    """manifest: how the box column gives a box in pixels: xyxy (x0 y0 x1 y1, corners) or xywh (x y w h,
+    the top-left corner and the size, as NIH's BBox_List_2017.csv)."""
     vocab_size: int = 4000
     """Largest vocabulary built from the training split (special tokens included)."""
     min_token_freq: int = 1
@@ -149,6 +155,11 @@ class PrepareConfig:
         )
         check(len(set(self.classes)) == len(self.classes), "classes", "has duplicates")
         check(self.max_report_chars > 0, "max_report_chars", f"must be > 0, got {self.max_report_chars}")
+        check(
+            self.box_format in BOX_FORMATS,
+            "box_format",
+            f"must be one of {', '.join(BOX_FORMATS)}, got {self.box_format!r}",
+        )
         check(self.vocab_size >= 8, "vocab_size", f"must be >= 8, got {self.vocab_size}")
         check(self.image_size >= 0, "image_size", f"must be >= 0, got {self.image_size}")
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from dicom_files import deflate_bomb, dicom_file
-from medfusion.config import PrepareConfig
+from medfusion.config import ConfigError, PrepareConfig
 from medfusion.data.images import decode_image, sniff_format
 from medfusion.data.ingest import IngestError, Rejection, open_source
 
@@ -561,3 +561,32 @@ def test_rows_without_a_split_follow_their_patients_given_split(tmp_path):
     write_csv(tmp_path / "m.csv", ["image", "labels", "report", "findings", "box", "patient_id", "split"], rows)
     samples = list(open_source(manifest_cfg(tmp_path / "m.csv")))
     assert [(s.patient_id, s.split) for s in samples] == [("p1", "test"), ("p1", "test"), ("p2", None)]
+
+
+def test_box_format_xywh_reads_nih_style_boxes_as_corners(tmp_path):
+    write_images(tmp_path)
+    header = ["image", "labels", "box"]
+    write_csv(tmp_path / "corners.csv", header, [("img/a.png", "normal", "8 6 40 30")])
+    write_csv(tmp_path / "sizes.csv", header, [("img/a.png", "normal", "8 6 32 24")])
+    (corners,) = list(open_source(manifest_cfg(tmp_path / "corners.csv")))
+    (sizes,) = list(open_source(manifest_cfg(tmp_path / "sizes.csv", box_format="xywh")))
+    assert corners.box is not None and sizes.box == corners.box
+
+
+def test_a_wrong_box_format_is_refused_with_the_fix(tmp_path):
+    # x y w h of lesions right of and below their size (w <= x, h <= y): as corners every box is degenerate.
+    write_images(tmp_path)
+    rows = [("img/a.png", "normal", f"{20 + i} 20 10 8") for i in range(6)]
+    write_csv(tmp_path / "nih.csv", ["image", "labels", "box"], rows)
+    with pytest.raises(IngestError) as info:
+        open_source(manifest_cfg(tmp_path / "nih.csv"))
+    message = str(info.value)
+    assert "6 of 6 boxes are degenerate read as box_format=xyxy" in message
+    assert "(first: row 1, degenerate box [20, 20, 10, 8]" in message
+    assert "if the box column gives x y w h, set box_format=xywh" in message
+    assert len(list(open_source(manifest_cfg(tmp_path / "nih.csv", box_format="xywh")))) == 6
+
+
+def test_box_format_must_be_known():
+    with pytest.raises(ConfigError, match="box_format: must be one of xyxy, xywh, got 'xyxz'"):
+        manifest_cfg("m.csv", box_format="xyxz")

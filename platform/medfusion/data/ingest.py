@@ -222,12 +222,34 @@ def _manifest_items(cfg: PrepareConfig) -> list[_Entry | Rejection]:
         image = record.get("image")
         shown = image if isinstance(image, str) else ""
         try:
-            items.append(_manifest_entry(row, record, uri, stem, base, cfg.max_report_chars))
+            items.append(_manifest_entry(row, record, uri, stem, base, cfg.max_report_chars, cfg.box_format))
         except _RowError as err:
             items.append(Rejection(row, uri, str(err), shown))
     if not items:
         raise IngestError(f"manifest {uri}: no data rows")
+    _check_box_format(items, uri, cfg.box_format)
     return _keep_patients_whole(items, uri)
+
+
+# A wrong box_format shows as many degenerate boxes: x y w h read as corners wherever w <= x or h <= y.
+DEGENERATE_BOXES_MIN, DEGENERATE_BOXES_SHARE = 5, 0.2
+
+
+def _check_box_format(items: list[_Entry | Rejection], uri: str, box_format: str) -> None:
+    """Refuse a manifest whose boxes mostly do not make sense in `box_format` (the other one is likely).
+
+    Raises:
+        IngestError: at least DEGENERATE_BOXES_MIN boxes, and DEGENERATE_BOXES_SHARE of all, are degenerate.
+    """
+    degenerate = [i for i in items if isinstance(i, Rejection) and i.reason.startswith("degenerate box")]
+    boxes = len(degenerate) + sum(1 for i in items if isinstance(i, _Entry) and i.box is not None)
+    if len(degenerate) >= DEGENERATE_BOXES_MIN and len(degenerate) >= DEGENERATE_BOXES_SHARE * boxes:
+        other = "xywh" if box_format == "xyxy" else "xyxy"
+        raise IngestError(
+            f"manifest {uri}: {len(degenerate)} of {boxes} boxes are degenerate read as box_format={box_format} "
+            f"(first: row {degenerate[0].row}, {degenerate[0].reason}); if the box column gives "
+            f"{BOX_LAYOUTS[other]}, set box_format={other}"
+        )
 
 
 def _keep_patients_whole(items: list[_Entry | Rejection], uri: str) -> list[_Entry | Rejection]:
@@ -261,7 +283,9 @@ def _keep_patients_whole(items: list[_Entry | Rejection], uri: str) -> list[_Ent
     return items
 
 
-def _manifest_entry(row: int, record: dict, uri: str, stem: str, base: str, max_chars: int) -> _Entry:
+def _manifest_entry(
+    row: int, record: dict, uri: str, stem: str, base: str, max_chars: int, box_format: str = "xyxy"
+) -> _Entry:
     image = record.get("image")
     if image is None or (isinstance(image, str) and not image.strip()):
         raise _RowError("no image (column 'image' is empty)")
@@ -286,7 +310,7 @@ def _manifest_entry(row: int, record: dict, uri: str, stem: str, base: str, max_
         label_names=labels,
         report=report,
         findings=findings,
-        box=_parse_box(record.get("box")),
+        box=_parse_box(record.get("box"), box_format),
         split=split,
         truncated=int(cut_report) + int(cut_findings and bool(findings_text)),
     )
@@ -532,8 +556,12 @@ def _label_list(value: Any) -> list[str]:
     return labels
 
 
-def _parse_box(value: Any) -> tuple[float, float, float, float] | None:
-    """`x0 y0 x1 y1` (spaces or commas, brackets allowed) or a list of 4 numbers; empty is no box."""
+BOX_LAYOUTS = {"xyxy": "x0 y0 x1 y1", "xywh": "x y w h"}
+
+
+def _parse_box(value: Any, box_format: str = "xyxy") -> tuple[float, float, float, float] | None:
+    """4 numbers in `box_format` (spaces or commas, brackets allowed, or a list) as corners x0 y0 x1 y1;
+    empty is no box."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -552,10 +580,17 @@ def _parse_box(value: Any) -> tuple[float, float, float, float] | None:
             number = math.nan
         numbers.append(number)
     if len(numbers) != 4 or not all(math.isfinite(n) for n in numbers):
-        raise _RowError(f"malformed box {value!r} (expected 4 numbers x0 y0 x1 y1 in pixels)")
+        raise _RowError(
+            f"malformed box {value!r} (expected 4 numbers {BOX_LAYOUTS[box_format]} in pixels, box_format={box_format})"
+        )
+    if box_format == "xywh":
+        x, y, w, h = numbers
+        if not (w > 0 and h > 0):
+            raise _RowError(f"degenerate box {_show_box(numbers)} (needs w > 0 and h > 0, box_format=xywh)")
+        return x, y, x + w, y + h
     x0, y0, x1, y1 = numbers
     if not (x0 < x1 and y0 < y1):
-        raise _RowError(f"degenerate box {_show_box(numbers)} (needs x0 < x1 and y0 < y1)")
+        raise _RowError(f"degenerate box {_show_box(numbers)} (needs x0 < x1 and y0 < y1, box_format=xyxy)")
     return x0, y0, x1, y1
 
 
