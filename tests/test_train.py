@@ -97,6 +97,29 @@ def test_missing_dataset_fails_before_any_worker_starts(tmp_path, monkeypatch):
         run_train(_config("", str(tmp_path / "runs"), "r"))
 
 
+def test_a_dataset_without_text_fails_before_any_worker_starts(tmp_path, monkeypatch):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    import medfusion.training.run as run
+    from medfusion.data.prepare import run_prepare
+
+    monkeypatch.setattr(run, "fit", lambda *a, **k: pytest.fail("a worker was started"))
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((32, 32), 20 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append((f"{i}.png", "effusion" if i % 2 else "mass", f"patient-{i}"))
+    with (tmp_path / "labels-only.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("image", "labels", "patient_id"), *rows])
+    data = tmp_path / "data"
+    run_prepare(PrepareConfig(source="manifest", source_uri=str(tmp_path / "labels-only.csv"), output_uri=str(data)))
+    with pytest.raises(ConfigError) as err:
+        run_train(_config(str(data), str(tmp_path / "runs"), "r", "model.fusion=image_only"))
+    assert f"dataset_uri: {data} has no text" in str(err.value) and "only its 4 special tokens" in str(err.value)
+
+
 def test_preset_fills_model_and_data_and_overrides_win():
     cfg = load_train_config(preset="small", overrides=["data.batch_size=8", "model.fusion=cross_attention"])
     model = (cfg.model.preset, cfg.model.stem_stride, cfg.model.cnn_widths, cfg.data.image_size)

@@ -58,6 +58,7 @@ def plan_run(cfg: TrainConfig) -> tuple[TrainConfig, RunPlan]:
         ConfigError: naming the field whose dataset or sizes do not work.
     """
     from medfusion.data.dataset import DatasetError, open_dataset
+    from medfusion.data.tokenizer import SPECIALS
 
     if not cfg.dataset_uri:
         raise ConfigError("dataset_uri: required (a dataset root written by `medfusion data synth` or `data ingest`)")
@@ -65,6 +66,15 @@ def plan_run(cfg: TrainConfig) -> tuple[TrainConfig, RunPlan]:
         info = open_dataset(cfg.dataset_uri)
     except (DatasetError, OSError) as err:
         raise ConfigError(f"dataset_uri: {err}") from None
+    if len(info.tokenizer) <= len(SPECIALS):
+        # The note encoder and the description decoder are built over the training split's words; with
+        # none, every worker would fail building the model, after Ray and its retries.
+        raise ConfigError(
+            f"dataset_uri: {cfg.dataset_uri} has no text: its training split's report and findings columns "
+            f"gave no words (the tokenizer holds only its {len(SPECIALS)} special tokens), and the model's "
+            "note encoder and description decoder need a vocabulary, whatever model.fusion is; ingest a "
+            "source with reports or findings (datasets of images and labels alone are not supported yet)"
+        )
     for split in ("train", "val"):
         rows = info.rows(split) if split in info.manifest["splits"] else 0
         if rows < cfg.num_workers:
