@@ -12,6 +12,7 @@ from typing import Any
 
 from medfusion.config import DataConfig, ModelConfig, ObjectiveConfig, check
 from medfusion.registry import DEFAULT_REGISTRY_URI
+from medfusion.tuning.results import is_number
 from medfusion.tuning.space import check_tune_config
 
 SEARCH_ALGORITHMS = ("optuna", "random", "grid")
@@ -124,7 +125,7 @@ class TuneConfig:
                 "must be a custom resource (trial_cpus reserves CPUs; train.use_gpu the workers' GPUs)",
             )
             check(
-                isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0,
+                is_number(amount) and amount > 0,
                 f"trial_resources.{resource}",
                 f"must be a number > 0, got {amount!r}",
             )
