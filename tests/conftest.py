@@ -51,3 +51,18 @@ def ray_local(s3_store):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset():
+    """`synthetic_dataset(uri, samples, image_size)` writes a synthetic dataset at `uri` (replacing one
+    there) and returns `uri`."""
+    from medfusion.config import PrepareConfig, SynthConfig
+    from medfusion.data.prepare import run_prepare
+
+    def make(uri: str, samples: int, image_size: int) -> str:
+        synth = SynthConfig(num_samples=samples, image_size=image_size)
+        run_prepare(PrepareConfig(source="synthetic", output_uri=uri, overwrite=True, synth=synth))
+        return uri
+
+    return make

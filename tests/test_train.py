@@ -42,16 +42,8 @@ def _config(dataset_uri: str, storage_uri: str, name: str, *extra: str) -> Train
 
 
 @pytest.fixture(scope="module")
-def dataset(s3_store):
-    from medfusion.data.prepare import run_prepare
-
-    uri = f"s3://{s3_store.state().bucket}/train-tests/data"
-    run_prepare(
-        PrepareConfig(
-            source="synthetic", output_uri=uri, overwrite=True, synth=SynthConfig(num_samples=SAMPLES, image_size=IMAGE)
-        )
-    )
-    return uri
+def dataset(s3_store, synthetic_dataset):
+    return synthetic_dataset(f"s3://{s3_store.state().bucket}/train-tests/data", SAMPLES, IMAGE)
 
 
 @pytest.fixture(scope="module")

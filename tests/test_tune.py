@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from medfusion import storage
-from medfusion.config import ConfigError, DataConfig, PrepareConfig, SynthConfig
+from medfusion.config import ConfigError, DataConfig
 from medfusion.loader import load_config, preset_values
 from medfusion.tuning import results as R
 from medfusion.tuning.config import TuneConfig
@@ -239,13 +239,8 @@ def test_the_pipeline_builds_the_tune_config_from_the_component_values():
 
 
 @pytest.fixture(scope="module")
-def dataset(s3_store):
-    from medfusion.data.prepare import run_prepare
-
-    uri = f"s3://{s3_store.state().bucket}/tune-tests/data"
-    synth = SynthConfig(num_samples=SAMPLES, image_size=IMAGE)
-    run_prepare(PrepareConfig(source="synthetic", output_uri=uri, overwrite=True, synth=synth))
-    return uri
+def dataset(s3_store, synthetic_dataset):
+    return synthetic_dataset(f"s3://{s3_store.state().bucket}/tune-tests/data", SAMPLES, IMAGE)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ What gets a node loss to no failed request (measured: 0 of about 2,500 in each r
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import threading
@@ -45,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -236,71 +234,6 @@ class Load:
 def request_body() -> tuple[bytes, str]:
     pixels = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
     return encode_multipart(encode_png(pixels), "fever and productive cough")
-
-
-# ----------------------------------------------------------------------------------- the ingress alone
-
-
-class _Response:
-    """A DeploymentResponse double: raises or returns its outcome when awaited."""
-
-    def __init__(self, outcome: Any) -> None:
-        self.outcome = outcome
-
-    def __await__(self):
-        return self._answer().__await__()
-
-    async def _answer(self) -> Any:
-        if isinstance(self.outcome, BaseException):
-            raise self.outcome
-        return self.outcome
-
-    def cancel(self) -> None:
-        pass
-
-
-class _Handle:
-    """A model deployment handle whose predict calls meet `outcomes` in turn."""
-
-    def __init__(self, outcomes: list[Any]) -> None:
-        self.outcomes = outcomes
-        self.calls = 0
-        self.predict = self
-
-    def remote(self, item: dict[str, Any]) -> _Response:
-        self.calls += 1
-        return _Response(self.outcomes.pop(0))
-
-
-@pytest.mark.parametrize(
-    "lost, status, calls",
-    [
-        (["died"], 200, 2),  # in flight on the lost replica: retried once on another, answered
-        (["unavailable"], 200, 2),  # the node not declared dead yet: the same
-        (["died", "unavailable"], 503, 2),  # lost again: a clean 503 the client retries, never a 500
-    ],
-)
-def test_ingress_answers_a_request_lost_with_its_replica_by_a_retry_or_a_503(lost, status, calls):
-    """What the ingress does with the errors a model replica lost with its node raises (no Ray here)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
-
-    from medfusion.serving.api import create_api
-    from medfusion.serving.runtime import HandleBackend
-
-    made = {"died": ActorDiedError(), "unavailable": ActorUnavailableError("node lost", None)}
-    handle = _Handle([*(made[name] for name in lost), {"labels": [], "model": {"version": "v1"}}])
-    app = create_api(HandleBackend(handle, retry_after_s=1))
-    body, content_type = request_body()
-
-    async def call() -> Any:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.post("/v1/predict", content=body, headers={"content-type": content_type})
-
-    response = asyncio.run(call())
-    assert (response.status_code, handle.calls) == (status, calls), response.text
-    if status == 503:
-        assert response.json()["error"] == "unavailable" and response.headers["retry-after"] == "1"
 
 
 # ----------------------------------------------------------------------------------- the cluster

@@ -33,17 +33,8 @@ NODES_LINE = re.compile(r"\[medfusion\] workers on nodes: (.*)")
 
 
 @pytest.fixture(scope="module")
-def node_dataset(s3_store):
-    from medfusion.config import PrepareConfig, SynthConfig
-    from medfusion.data.prepare import run_prepare
-
-    uri = f"s3://{s3_store.state().bucket}/cluster-tests/data"
-    run_prepare(
-        PrepareConfig(
-            source="synthetic", output_uri=uri, overwrite=True, synth=SynthConfig(num_samples=SAMPLES, image_size=IMAGE)
-        )
-    )
-    return uri
+def node_dataset(s3_store, synthetic_dataset):
+    return synthetic_dataset(f"s3://{s3_store.state().bucket}/cluster-tests/data", SAMPLES, IMAGE)
 
 
 def _train(ray_nodes, dataset_uri: str, storage_uri: str, name: str, *extra: str) -> Driver:

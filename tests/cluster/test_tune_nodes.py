@@ -51,14 +51,8 @@ def sweep_nodes(s3_store):
 
 
 @pytest.fixture
-def sweep_dataset(s3_prefix):
-    from medfusion.config import PrepareConfig, SynthConfig
-    from medfusion.data.prepare import run_prepare
-
-    uri = f"{s3_prefix}/data"
-    synth = SynthConfig(num_samples=SAMPLES, image_size=IMAGE)
-    run_prepare(PrepareConfig(source="synthetic", output_uri=uri, overwrite=True, synth=synth))
-    return uri
+def sweep_dataset(s3_prefix, synthetic_dataset):
+    return synthetic_dataset(f"{s3_prefix}/data", SAMPLES, IMAGE)
 
 
 def _attempts(run_uri: str) -> list[dict]:

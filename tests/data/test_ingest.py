@@ -19,7 +19,7 @@ from PIL import Image
 from dicom_files import deflate_bomb, dicom_file
 from medfusion.config import ConfigError, PrepareConfig
 from medfusion.data.images import decode_image, sniff_format
-from medfusion.data.ingest import IngestError, Rejection, open_source
+from medfusion.data.ingest import MANIFEST_COLUMNS, IngestError, Rejection, open_source
 
 W, H = 64, 48  # every test image is 64 wide, 48 high
 PIXELS = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (H, 1))
@@ -107,7 +107,7 @@ def manifest(request, tmp_path) -> Path:
     write_images(tmp_path)
     if request.param == "csv":
         path = tmp_path / "cohort.csv"
-        write_csv(path, ["image", "labels", "report", "findings", "box", "patient_id", "split"], MANIFEST_ROWS)
+        write_csv(path, list(MANIFEST_COLUMNS), MANIFEST_ROWS)
     else:
         path = tmp_path / "cohort.jsonl"
         path.write_text("".join(json.dumps(as_jsonl_record(r)) + "\n" for r in MANIFEST_ROWS))
@@ -537,29 +537,24 @@ def test_a_deflate_bomb_in_a_manifest_is_read_without_inflating_it(tmp_path):
     assert peak < 64 * 2**20, f"ingest held {peak / 2**20:.0f} MiB for a 256 MiB bomb"
 
 
-def test_a_patient_given_two_splits_is_refused_naming_the_patient_and_rows(tmp_path):
+def _patients_manifest(tmp_path: Path, splits: tuple[str, str, str]) -> PrepareConfig:
+    """img/a.png and img/b.jpg of patient p1 and img/c.dcm of p2, with these splits."""
     write_images(tmp_path)
-    rows = [
-        ("img/a.png", "normal", "", "", "", "p1", "train"),
-        ("img/b.jpg", "normal", "", "", "", "p1", "test"),
-        ("img/c.dcm", "normal", "", "", "", "p2", "val"),
-    ]
-    write_csv(tmp_path / "m.csv", ["image", "labels", "report", "findings", "box", "patient_id", "split"], rows)
+    images = [("img/a.png", "p1"), ("img/b.jpg", "p1"), ("img/c.dcm", "p2")]
+    rows = [(image, "normal", patient, split) for (image, patient), split in zip(images, splits)]
+    write_csv(tmp_path / "m.csv", ["image", "labels", "patient_id", "split"], rows)
+    return manifest_cfg(tmp_path / "m.csv")
+
+
+def test_a_patient_given_two_splits_is_refused_naming_the_patient_and_rows(tmp_path):
     with pytest.raises(IngestError) as info:
-        open_source(manifest_cfg(tmp_path / "m.csv"))
+        open_source(_patients_manifest(tmp_path, ("train", "test", "val")))
     assert "1 patient(s) appear in more than one split" in str(info.value)
     assert "patient 'p1': train (rows 1); test (rows 2)" in str(info.value)
 
 
 def test_rows_without_a_split_follow_their_patients_given_split(tmp_path):
-    write_images(tmp_path)
-    rows = [
-        ("img/a.png", "normal", "", "", "", "p1", "test"),
-        ("img/b.jpg", "normal", "", "", "", "p1", ""),
-        ("img/c.dcm", "normal", "", "", "", "p2", ""),
-    ]
-    write_csv(tmp_path / "m.csv", ["image", "labels", "report", "findings", "box", "patient_id", "split"], rows)
-    samples = list(open_source(manifest_cfg(tmp_path / "m.csv")))
+    samples = list(open_source(_patients_manifest(tmp_path, ("test", "", ""))))
     assert [(s.patient_id, s.split) for s in samples] == [("p1", "test"), ("p1", "test"), ("p2", None)]
 
 

@@ -355,6 +355,28 @@ class _FakeHandle:
 
 
 @pytest.mark.parametrize(
+    "lost, status, calls",
+    [
+        (["died"], 200, 2),  # in flight on the lost replica: retried once on another, answered
+        (["unavailable"], 200, 2),  # the node not declared dead yet: the same
+        (["died", "unavailable"], 503, 2),  # lost again: a clean 503 the client retries, never a 500
+    ],
+)
+def test_ingress_answers_a_request_lost_with_its_replica_by_a_retry_or_a_503(lost, status, calls):
+    """What the ingress answers over HTTP when a model replica is lost with its node (the errors Serve
+    raises then; tests/cluster/test_serve_nodes.py loses a real node under load)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    made = {"died": ActorDiedError(), "unavailable": ActorUnavailableError("node lost", None)}
+    handle = _FakeHandle([*(made[name] for name in lost), {"labels": [], "model": {"version": "v1"}}])
+    app = create_api(HandleBackend(handle, retry_after_s=1))
+    (response,) = _call(app, multipart(png(64, 64), "fever and productive cough"), token=None)
+    assert (response.status_code, handle.predict.calls) == (status, calls), response.text
+    if status == 503:
+        assert response.json()["error"] == "unavailable" and response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(
     "outcomes, status, error, calls",
     [
         (["backpressure"], 503, "overloaded", 1),
