@@ -11,21 +11,28 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from medfusion import storage
 from medfusion.config import ConfigError, DataConfig, EvaluateConfig, PrepareConfig, SplitConfig, SynthConfig
-from medfusion.data.dataset import DatasetError, open_dataset
+from medfusion.data.dataset import DatasetError, DatasetInfo, open_dataset
 from medfusion.data.prepare import run_prepare
 from medfusion.evaluate import (
     METRICS_FILE,
     PLOT_FILES,
     REPORT_FILE,
     EvaluateError,
+    _baselines,
     _confusion_for_plot,
+    _row_boxes,
+    _targets,
+    _train_boxes,
     default_output_uri,
+    predict_batches,
     run_evaluate,
     undefined_metrics,
 )
@@ -155,6 +162,59 @@ def test_report_is_one_self_contained_page(evaluated):
     assert evaluated.report_uri in summary and "accuracy" in summary
 
 
+def _train_split_boxes(info) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic train split's boxes and their (single) class, read straight from the shards."""
+    table = pa.concat_tables(pq.read_table(uri, columns=["labels", "box"]) for uri in info.shard_uris("train"))
+    rows = [(labels[0], box) for labels, box in zip(*table.to_pydict().values()) if box is not None]
+    return np.array([box for _, box in rows]), np.array([c for c, _ in rows])
+
+
+def test_metrics_json_has_the_field_protocol(setup, evaluated):
+    """Per-class AUROC/IoU/shares keyed by class name, CIs around the estimates, the train baselines."""
+    record = json.loads(Path(evaluated.metrics_uri).read_text())
+    classes, metrics = setup["info"].classes, record["metrics"]
+    for name in ("accuracy", "auroc_macro", "mean_iou", "box_mean_iou", "box_iou50", "detection_iou"):
+        low, high = record["ci"][name]
+        assert low - 1e-6 <= metrics[name] <= high + 1e-6, name
+    assert record["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0, "over": "images"}
+    assert list(record["iou_share"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"]
+    for key in ("per_class_auroc", "per_class_iou", "per_class_iou_share", "per_class_detection_iou", "box_support"):
+        assert list(record[key]) == classes, key
+    assert sum(record["box_support"].values()) == record["num_boxes"] > 0
+    assert record["iou_share"]["0.5"] == pytest.approx(metrics["box_iou50"])
+    # An untrained model finds no box exactly: 1.0 would be the true boxes scored against themselves.
+    assert metrics["box_mean_iou"] < 0.99
+    boxes, box_classes = _train_split_boxes(setup["info"])
+    baselines = record["baselines"]
+    assert baselines["global_mean_box"]["box"] == pytest.approx(boxes.mean(axis=0).tolist(), abs=1e-6)
+    for c, name in enumerate(classes):
+        own = boxes[box_classes == c]
+        expected = own.mean(axis=0).tolist() if len(own) else None
+        assert baselines["class_mean_box"]["boxes"][name] == (pytest.approx(expected, abs=1e-6) if len(own) else None)
+    assert baselines["class_mean_box"]["fallback_classes"] == [n for c, n in enumerate(classes) if c not in box_classes]
+    for baseline in ("global_mean_box", "class_mean_box"):
+        assert (
+            0.0 <= baselines[baseline]["box_mean_iou"] <= 1.0 and list(baselines[baseline]["per_class_iou"]) == classes
+        )
+    assert evaluated.baselines["class_mean_box"]["box_mean_iou"] == pytest.approx(
+        baselines["class_mean_box"]["box_mean_iou"]
+    )
+    assert evaluated.ci["auroc_macro"] == pytest.approx(record["ci"]["auroc_macro"])
+
+
+def test_summary_and_report_show_intervals_and_baselines(evaluated):
+    summary = evaluated.summary()
+    assert "95% CI" in summary and "class mean box" in summary and "global mean box" in summary
+    line = next(row for row in summary.splitlines() if row.startswith("box_mean_iou"))
+    low, high = evaluated.ci["box_mean_iou"]
+    baseline = evaluated.baselines["class_mean_box"]["box_mean_iou"]
+    assert f"[{low:.4f}, {high:.4f}]" in line and f"{baseline:.4f}" in line
+    assert f"{evaluated.metrics['auroc_macro']:.4f}  [" in summary  # macro AUROC with its interval
+    page = Path(evaluated.report_uri).read_text()
+    for text in ("95% CI", "Localization against the baselines", "class mean box", "global mean box", "IoU &ge; 0.7"):
+        assert text in page, text
+
+
 def test_undefined_metrics_are_null_and_explained(setup, tmp_path):
     """One sample: one class present, so no class has both positives and negatives."""
     result = run_evaluate(
@@ -180,6 +240,36 @@ def test_undefined_reasons_without_boxes_or_synthetic_source():
     assert math.isnan(metrics["mean_iou"]) and "no true box" in reasons["mean_iou"] and "iou50" in reasons
     assert "no sample of class 'c'" in reasons["auroc[c]"] and "auroc_macro" not in reasons
     assert all("'manifest'" in reasons[k] for k in ("clinical_precision", "clinical_recall", "clinical_f1"))
+
+
+@pytest.mark.parametrize("parse", [None, str.split])
+def test_text_metrics_of_a_dataset_without_findings_are_null_with_the_reason(parse):
+    labels = np.eye(3, dtype=np.float32)
+    findings = ["", "  ", ""]
+    metrics = compute_metrics(
+        probs=labels * 0.8 + 0.1, labels=labels, generated=["a b", "", "c"], references=findings, parse=parse
+    )
+    reasons = undefined_metrics(metrics, ["a", "b", "c"], labels, "manifest", findings=findings)
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "clinical_precision", "clinical_recall", "clinical_f1"):
+        assert "the dataset has no findings text" in reasons[key], key
+        assert key not in metrics or math.isnan(metrics[key]), key  # null in metrics.json, never 0.0
+    with_text = undefined_metrics(metrics, ["a", "b", "c"], labels, "manifest", findings=["", "one finding", ""])
+    assert "no findings text" not in with_text.get("bleu4", "")  # the reason names the references, not a guess
+
+
+def test_undefined_reasons_per_class_box():
+    labels = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+    metrics = compute_metrics(
+        probs=labels * 0.8 + 0.1,
+        labels=labels,
+        pred_box=np.tile([0.1, 0.1, 0.5, 0.5], (2, 1)),
+        true_box=np.tile([0.1, 0.1, 0.5, 0.5], (2, 1)),
+        has_box=np.array([1.0, 0.0]),
+        objectness=np.array([0.9, 0.1]),
+    )
+    reasons = undefined_metrics(metrics, ["a", "b", "c"], labels, "manifest")
+    assert "box_mean_iou" not in reasons and "mean_iou" not in reasons
+    assert "no true box of class 'b'" in reasons["iou[b]"] and "iou[c]" in reasons and "iou[a]" not in reasons
 
 
 def test_multi_label_confusion_counts_every_pair():
@@ -275,3 +365,132 @@ def test_evaluate_from_and_to_s3(setup, evaluated, s3_prefix):
     record = _record(result)
     assert record["dataset_version"] == setup["info"].version and record["dataset"]["uri"] == f"{s3_prefix}/data"
     _assert_same_metrics(_record(evaluated), record)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-class boxes in the shards, and the train split's baselines
+# ----------------------------------------------------------------------------------------------
+
+A, B = [0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.8]
+
+
+@pytest.mark.parametrize(
+    "row, per_finding, expected",
+    [
+        # schema 1, one box per image: it belongs to each of the image's classes
+        (([0, 2], A), False, [(A, [0, 2])]),
+        (([1], None), False, []),
+        (([1], [0.1, float("nan"), 0.2, 0.3]), False, []),
+        # schema 2, boxes per finding, each for its own class (`box` is only the first of them)
+        (([0, 2], A, [0, 2], [A, B]), True, [(A, [0]), (B, [2])]),
+        (([0], A, [0, 0], [A, B]), True, [(A, [0])]),  # a finding boxed twice: its first box
+        (([0], A, [0, 7], [A, B]), True, [(A, [0])]),  # a class index past the classes
+        (([0, 2], None, [], []), True, []),
+        (([0], None, None, None), True, []),
+    ],
+)
+def test_row_boxes(row, per_finding, expected):
+    got = _row_boxes(3, *row, per_finding=per_finding)
+    assert [(np.asarray(b).tolist(), c) for b, c in got] == [(pytest.approx(b), c) for b, c in expected]
+
+
+def test_ray_targets_build_per_class_boxes_from_shard_columns():
+    raw = {
+        "labels": np.array([[0, 2], [1]], dtype=object),
+        "box": np.array([A, None], dtype=object),
+        "box_labels": np.array([[0, 2], []], dtype=object),
+        "boxes": np.array([[A, B], []], dtype=object),
+    }
+    out = _targets(raw, num_classes=3)
+    assert "boxes" not in out and "box_labels" not in out
+    assert out["class_has_box"].tolist() == [[1, 0, 1], [0, 0, 0]]
+    np.testing.assert_allclose(out["class_boxes"][0, 2], B, rtol=1e-6)
+    assert "class_boxes" not in _targets({"labels": raw["labels"], "box": raw["box"]}, num_classes=3)
+
+
+class _BoxPredictor:
+    """Answers like Predictor.predict_batch: its columns (here per-class boxes `pred_class_boxes`,
+    all at `box`) replace the batch's columns of the same name; the others pass through."""
+
+    def __init__(self, box: list[float], per_class: bool = True) -> None:
+        self.box, self.per_class = box, per_class
+
+    def predict_batch(self, batch):
+        n, num_classes = batch["labels"].shape
+        result = {
+            "probs": np.full((n, num_classes), 1.0 / num_classes),
+            "pred_box": np.tile(self.box, (n, 1)),
+            "objectness": np.full(n, 0.9),
+        }
+        if self.per_class:
+            result["pred_class_boxes"] = np.tile(self.box, (n, num_classes, 1))
+            result["class_objectness"] = np.full((n, num_classes), 0.9)
+        return {**{k: v for k, v in batch.items() if k != "image" and k not in result}, **result}
+
+
+@pytest.mark.parametrize("per_class", [True, False])
+def test_predicted_class_boxes_do_not_replace_the_true_ones(per_class):
+    from medfusion.metrics import metrics_from_predictions
+
+    true = np.zeros((2, 3, 4), dtype=np.float32)
+    true[0, 0], true[1, 2] = A, B
+    batch = {
+        "image": np.zeros((2, 1, 4, 4)),
+        "labels": np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32),
+        "box": np.array([A, B], dtype=np.float32),
+        "has_box": np.ones(2, dtype=np.float32),
+        "class_boxes": true,
+        "class_has_box": (true.sum(-1) > 0).astype(np.float32),
+    }
+    predictions = predict_batches(_BoxPredictor(A, per_class), [batch])
+    np.testing.assert_array_equal(predictions["class_boxes"], true)
+    assert ("pred_class_boxes" in predictions) == per_class
+    metrics = metrics_from_predictions(predictions, resamples=0)
+    assert metrics["per_class_iou"] == pytest.approx([1.0, None, 0.0])  # A found, B missed
+
+
+def _hand_made_dataset(root: Path, columns: dict) -> DatasetInfo:
+    (root / "train").mkdir(parents=True)
+    pq.write_table(pa.table(columns), root / "train" / "part-00000.parquet")
+    rows = len(columns["labels"])
+    manifest = {
+        "schema_version": 2 if "boxes" in columns else 1,
+        "classes": ["a", "b", "c"],
+        "splits": {"train": {"rows": rows, "shards": [{"path": "train/part-00000.parquet"}]}},
+    }
+    return DatasetInfo(uri=str(root), version="hand", manifest=manifest, tokenizer=None)
+
+
+def test_train_boxes_read_per_class_box_columns(tmp_path):
+    """Shards with `box_labels`/`boxes` (schema 2): each box once, for its own class only."""
+    info = _hand_made_dataset(
+        tmp_path,
+        {
+            "labels": pa.array([[0, 2], [1, 2], [2]], type=pa.list_(pa.int32())),
+            "box": pa.array([A, A, None], type=pa.list_(pa.float32())),
+            "box_labels": pa.array([[0, 2], [2], None], type=pa.list_(pa.int32())),
+            "boxes": pa.array([[A, B], [A], None], type=pa.list_(pa.list_(pa.float32()))),
+        },
+    )
+    boxes, classes = _train_boxes(info)
+    np.testing.assert_allclose(boxes, [A, B, A], rtol=1e-6)
+    assert classes.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+    predictions = {"labels": np.array([[1.0, 0, 0]]), "box": np.array([A]), "has_box": np.array([1.0])}
+    baselines, why_not = _baselines(info, predictions)
+    assert not why_not and baselines["class_mean_box"]["boxes"][0] == pytest.approx(A)
+    assert baselines["class_mean_box"]["box_mean_iou"] == pytest.approx(1.0)
+
+
+def test_baselines_without_train_boxes_are_null_with_the_reason(tmp_path):
+    info = _hand_made_dataset(
+        tmp_path,
+        {
+            "labels": pa.array([[0], [1]], type=pa.list_(pa.int32())),
+            "box": pa.array([None, None], type=pa.list_(pa.float32())),
+        },
+    )
+    predictions = {"labels": np.array([[1.0, 0, 0]]), "box": np.array([A]), "has_box": np.array([1.0])}
+    baselines, why_not = _baselines(info, predictions)
+    assert baselines is None and "none of the 2 train images has a lesion box" in why_not
+    info.manifest["splits"]["train"]["rows"] = 0
+    assert "train split has no rows" in _baselines(info, predictions)[1]

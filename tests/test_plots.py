@@ -17,6 +17,7 @@ IMAGES_U8 = [RNG.integers(0, 255, (64, 64), dtype=np.uint8) for _ in range(3)]
 IMAGES_MODEL = [RNG.normal(size=(1, 64, 64)).astype(np.float32) for _ in range(3)]  # normalized model input
 TARGET = np.array([0, 1, 2, 1, 0, 2])
 PROBS = np.eye(3)[TARGET] * 0.6 + 0.4 * RNG.dirichlet(np.ones(3), 6)
+THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 
 CASES = {
     "confusion": lambda path: plots.plot_confusion_matrix([[3, 1, 0], [0, 2, 1], [1, 0, 4]], CLASSES, path),
@@ -34,6 +35,17 @@ CASES = {
     "note-attention": lambda path: plots.plot_note_attention(
         [[("fever", 0.5), ("and", 0.05), ("productive", 0.2), ("cough", 0.25)] * 8, []], path, titles=["a", "b"]
     ),
+    "iou-thresholds": lambda path: plots.plot_iou_thresholds(
+        THRESHOLDS,
+        {"all boxes": [0.9, 0.8, 0.7, 0.5, 0.4, 0.2, 0.1], "nodule": [1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0]},
+        path,
+        baseline={"all boxes": [0.6, 0.4, 0.2, 0.1, 0.0, 0.0, 0.0], "nodule": [0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]},
+        counts={"all boxes": 12, "nodule": 2},
+    ),
+    "iou-thresholds-one-class-no-baseline": lambda path: plots.plot_iou_thresholds(
+        THRESHOLDS, {"nodule": [1.0, None, 0.5, 0.5, 0.0, 0.0, 0.0]}, path
+    ),
+    "iou-thresholds-no-boxes": lambda path: plots.plot_iou_thresholds(THRESHOLDS, {}, path),
 }
 
 

@@ -131,7 +131,7 @@ def cmd_data_ingest(args: argparse.Namespace) -> int:
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from medfusion.data.dataset import open_dataset, summarize, verify_dataset
+    from medfusion.data.dataset import open_dataset, summarize, text_length_lines, verify_dataset
 
     _use_local_store_env(args.store_root)
     info = open_dataset(args.uri)
@@ -158,6 +158,12 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         )
     print(f"{'rows':<{width}}  " + "  ".join(f"{summary['splits'][s]['rows']:>7}" for s in splits))
     print(f"{'shards':<{width}}  " + "  ".join(f"{summary['splits'][s]['shards']:>7}" for s in splits))
+    for key, shown in (("boxes", "boxes"), ("with_report", "with note"), ("with_findings", "w/ findings")):
+        counts = [summary["splits"][s].get(key) for s in splits]
+        if all(c is not None for c in counts):
+            print(f"{shown:<{width}}  " + "  ".join(f"{c:>7}" for c in counts))
+    for line in text_length_lines(summary):
+        print(line)
     if "verified_shards" in summary:
         print(f"checksums: {summary['verified_shards']} shards verified")
     return 0
@@ -382,11 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         data_sub,
         "ingest",
         C.PrepareConfig,
-        "ingest a generic manifest (CSV/JSONL) or an IU X-Ray folder",
+        "ingest a generic manifest (CSV/JSONL), an IU X-Ray folder, or NIH ChestX-ray14's box list",
         presets=False,
     )
-    ingest.add_argument("--source", choices=["manifest", "iu_xray"], required=True, help="source layout")
-    ingest.add_argument("--input", required=True, help="the manifest file, or the IU X-Ray folder")
+    ingest.add_argument("--source", choices=["manifest", "iu_xray", "nih"], required=True, help="source layout")
+    ingest.add_argument(
+        "--input", required=True, help="the manifest file, the IU X-Ray folder, or the NIH folder (or its box CSV)"
+    )
     ingest.add_argument("--out", help="dataset root to write (path or s3://...)")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     ingest.set_defaults(func=cmd_data_ingest)

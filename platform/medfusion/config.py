@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PRESETS = ("tiny", "small", "base")
-SOURCES = ("synthetic", "manifest", "iu_xray")
+SOURCES = ("synthetic", "manifest", "iu_xray", "nih")
 SPLITS = ("train", "val", "test")
 FUSIONS = ("concat", "gated", "bilinear", "cross_attention", "image_only", "text_only")
 # The environment variable holding the inference API's bearer token (ServeConfig.auth_token_env's default).
@@ -83,9 +83,12 @@ class SynthConfig:
         check(self.images_per_patient >= 1, "synth.images_per_patient", "must be >= 1")
 
 
+SPLIT_UNITS = ("patient", "image")
+
+
 @dataclass
 class SplitConfig:
-    """How rows without an explicit `split` are assigned, always by patient."""
+    """How rows without an explicit `split` are assigned: by patient, unless asked per image."""
 
     val: float = 0.1
     """Fraction of patients in the validation split."""
@@ -93,8 +96,13 @@ class SplitConfig:
     """Fraction of patients in the test split."""
     salt: str = "medfusion"
     """Salt of the patient hash; change it to draw a different split."""
+    unit: str = "patient"
+    """patient: every row needs a patient id (a source that has none is refused), and a patient's
+    images stay in one split. image: each image is its own patient, for data without patient ids,
+    knowing that one patient's images may then land in train and test."""
 
     def __post_init__(self) -> None:
+        check(self.unit in SPLIT_UNITS, "split.unit", f"must be one of {', '.join(SPLIT_UNITS)}, got {self.unit!r}")
         check(0.0 <= self.val < 1.0, "split.val", f"must be in [0, 1), got {self.val}")
         check(0.0 <= self.test < 1.0, "split.test", f"must be in [0, 1), got {self.test}")
         check(self.val + self.test < 1.0, "split", "val + test must leave room for train")
@@ -108,9 +116,11 @@ class PrepareConfig:
     """The prepare stage: read a source, write Parquet shards and manifest.json."""
 
     source: str = "synthetic"
-    """Where samples come from: synthetic, manifest (CSV/JSONL) or iu_xray."""
+    """Where samples come from: synthetic, manifest (CSV/JSONL), iu_xray, or nih (ChestX-ray14's
+    BBox_List_2017.csv, with Data_Entry_2017.csv when present)."""
     source_uri: str = ""
-    """The manifest file (manifest) or the dataset folder (iu_xray); unused for synthetic."""
+    """The manifest file (manifest), the dataset folder (iu_xray), or nih's folder or box CSV;
+    unused for synthetic."""
     output_uri: str = ""
     """Dataset root to write (local path or s3://bucket/prefix)."""
     overwrite: bool = False
@@ -165,13 +175,65 @@ class PrepareConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Random transforms of training images (train split only); off by default."""
+
+    enabled: bool = False
+    """Augment training images; the fields below apply only then."""
+    affine_p: float = 0.5
+    """Probability of the random affine (scale, rotation, translation) per image."""
+    scale: float = 0.1
+    """The affine's zoom factor is drawn from [1 - scale, 1 + scale]."""
+    rotate_deg: float = 7.0
+    """The affine's rotation is drawn from [-rotate_deg, rotate_deg] degrees (films are taken upright)."""
+    translate: float = 0.05
+    """The affine's shift along each axis is drawn from [-translate, translate] of the image side."""
+    crop_p: float = 0.3
+    """Probability of a random square crop resized back to the full side, per image."""
+    crop_min: float = 0.8
+    """Smallest crop side, as a fraction of the image side (drawn from [crop_min, 1])."""
+    intensity_p: float = 0.5
+    """Probability of the intensity jitter (brightness, contrast, gamma) per image."""
+    brightness: float = 0.1
+    """Added grey level, drawn from [-brightness, brightness] (grey levels in [0, 1])."""
+    contrast: float = 0.2
+    """Contrast factor about the image's mean, drawn from [1 - contrast, 1 + contrast]."""
+    gamma: float = 0.2
+    """Gamma drawn log-uniformly from [1 / (1 + gamma), 1 + gamma]."""
+    min_box_visible: float = 0.5
+    """A box must keep at least this fraction of its (transformed) area inside the frame, else the
+    image keeps its geometry."""
+
+    def __post_init__(self) -> None:
+        for name in ("affine_p", "crop_p", "intensity_p"):
+            value = getattr(self, name)
+            check(0.0 <= value <= 1.0, f"data.augment.{name}", f"must be in [0, 1], got {value}")
+        check(0.0 <= self.scale < 0.5, "data.augment.scale", f"must be in [0, 0.5), got {self.scale}")
+        check(0.0 <= self.rotate_deg <= 30.0, "data.augment.rotate_deg", f"must be in [0, 30], got {self.rotate_deg}")
+        check(0.0 <= self.translate <= 0.25, "data.augment.translate", f"must be in [0, 0.25], got {self.translate}")
+        check(0.5 <= self.crop_min <= 1.0, "data.augment.crop_min", f"must be in [0.5, 1], got {self.crop_min}")
+        check(0.0 <= self.brightness <= 0.5, "data.augment.brightness", f"must be in [0, 0.5], got {self.brightness}")
+        check(0.0 <= self.contrast < 1.0, "data.augment.contrast", f"must be in [0, 1), got {self.contrast}")
+        check(0.0 <= self.gamma <= 1.0, "data.augment.gamma", f"must be in [0, 1], got {self.gamma}")
+        visible = self.min_box_visible
+        check(0.0 < visible <= 1.0, "data.augment.min_box_visible", f"must be in (0, 1], got {visible}")
+
+
+REPORT_KEEP = ("head", "tail", "head_tail")
+MAX_POS_WEIGHT = 20.0
+
+
+@dataclass
 class DataConfig:
     """How shards are read and turned into model inputs (Ray Data)."""
 
     image_size: int = 128
     """Side the images are resized to before the model."""
     max_report_tokens: int = 64
-    """Note tokens kept (longer notes are truncated)."""
+    """Note tokens kept; longer notes are cut (`medfusion data inspect` counts how many are)."""
+    report_keep: str = "head"
+    """Which part of a note longer than max_report_tokens is kept: head (the start), tail (the end,
+    where case notes conclude) or head_tail (the first and last halves)."""
     max_findings_tokens: int = 48
     """Findings tokens kept, <bos> and <eos> included."""
     batch_size: int = 32
@@ -180,10 +242,17 @@ class DataConfig:
     """Batches prefetched ahead of the consumer (Ray Data iter_batches prefetch_batches)."""
     report_dropout: float = 0.0
     """Training only: probability of hiding the note, so the model also works on the image alone."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training only: random transforms that move the boxes with the pixels (no left-right flip)."""
 
     def __post_init__(self) -> None:
         check(16 <= self.image_size <= 1024, "data.image_size", f"must be in [16, 1024], got {self.image_size}")
         check(self.max_report_tokens >= 1, "data.max_report_tokens", "must be >= 1")
+        check(
+            self.report_keep in REPORT_KEEP,
+            "data.report_keep",
+            f"must be one of {', '.join(REPORT_KEEP)}, got {self.report_keep!r}",
+        )
         check(self.max_findings_tokens >= 3, "data.max_findings_tokens", "must be >= 3 (<bos> x <eos>)")
         check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.columns_prefetch >= 0, "data.columns_prefetch", "must be >= 0")
@@ -195,12 +264,25 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------
 
 
+# Image backbones (medfusion.models.backbones): the paper's small residual CNN, or a standard one.
+BACKBONES = ("medfusion", "densenet121", "resnet18", "resnet50")
+# Weight files model.image_init_uri may name: safetensors, or a torch state dict (read with weights_only).
+IMAGE_INIT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
 @dataclass
 class ModelConfig:
     """Architecture of MedFusionModel (see medfusion.models)."""
 
     preset: str = "tiny"
     """Size preset the fields below were filled from: tiny, small or base."""
+    backbone: str = "medfusion"
+    """Image encoder: medfusion (the residual CNN of cnn_widths/cnn_blocks/stem_stride), densenet121
+    (CheXNet's), resnet18 or resnet50 (MONAI's 2-D networks; cnn_* and stem_stride do not apply)."""
+    image_init_uri: str = ""
+    """Weights the image encoder starts from (local path or s3://): a .safetensors file or a torch state
+    dict (.pt/.pth/.bin) in torchvision, timm or MONAI key layout, or a MedFusion model's; empty: random.
+    Read when a training run builds its model; nothing is downloaded."""
     in_channels: int = 1
     """Image channels (1 grayscale, 3 RGB)."""
     cnn_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
@@ -228,6 +310,14 @@ class ModelConfig:
     """Training only: probability of dropping the note (image-only input) per sample."""
     multi_label: bool = False
     """Sigmoid multi-label head instead of softmax (set from the dataset manifest)."""
+    describes: bool = True
+    """The findings decoder is trained and used (set from the dataset: false when its training split
+    has no findings text; then there is no decoder loss and predictions carry no findings)."""
+    balance_classes: bool = False
+    """Multi-label: weigh each class's positives by its negatives-to-positives ratio in the training
+    split (BCE pos_weight, at most MAX_POS_WEIGHT), so a rare finding is not learnt as "always absent"."""
+    pos_weight: list[float] = field(default_factory=list)
+    """Set from the dataset when balance_classes: the per-class positive weights (empty: all 1)."""
     loss_cls: float = 1.0
     """Weight of the classification loss."""
     box_refine_steps: int = 2
@@ -243,6 +333,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        check(
+            self.backbone in BACKBONES,
+            "model.backbone",
+            f"must be one of {', '.join(BACKBONES)}, got {self.backbone!r}",
+        )
+        check(
+            not self.image_init_uri or self.image_init_uri.lower().endswith(IMAGE_INIT_SUFFIXES),
+            "model.image_init_uri",
+            f"must name a {', '.join(IMAGE_INIT_SUFFIXES)} file (or be empty), got {self.image_init_uri!r}",
+        )
         check(self.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {self.in_channels}")
         check(len(self.cnn_widths) >= 1 and all(w > 0 for w in self.cnn_widths), "model.cnn_widths", "must be positive")
         check(self.cnn_blocks >= 1, "model.cnn_blocks", "must be >= 1")

@@ -1,5 +1,5 @@
 """Evaluation figures (PNG): confusion matrix, ROC curves, predicted boxes with generated findings,
-image attention heatmaps and highlighted note tokens.
+image attention heatmaps, highlighted note tokens and the share of boxes found per IoU threshold.
 
 Each ``plot_*(..., path) -> path`` draws on its own matplotlib Figure with the Agg canvas (no pyplot,
 no global backend switch, safe in worker threads) and writes through medfusion.storage, so `path`
@@ -21,6 +21,7 @@ from medfusion.data.images import MEAN, STD
 
 TRUE_COLOR = "#2ca02c"
 PRED_COLOR = "#d62728"
+BASELINE_COLOR = "#1f77b4"
 
 
 def _figure(width: float, height: float) -> Any:
@@ -235,6 +236,54 @@ def plot_note_attention(
                 bbox={"facecolor": cmap(shade), "edgecolor": "none", "pad": 1.0},
             )
         y += lines + 2
+    return _save(fig, path)
+
+
+def plot_iou_thresholds(
+    thresholds: Sequence[float],
+    shares: Mapping[str, Sequence[float | None]],
+    path: str,
+    *,
+    baseline: Mapping[str, Sequence[float | None]] | None = None,
+    counts: Mapping[str, int] | None = None,
+    labels: tuple[str, str] = ("model", "baseline"),
+    ncols: int = 4,
+) -> str:
+    """Share of true boxes found at IoU >= t against t (Wang et al., CVPR 2017, Table 4 as curves).
+
+    One panel per entry of `shares` (e.g. all boxes, then each class with a box), the model solid and
+    its `baseline` (same keys) dashed, `counts` boxes in each title. An empty `shares` draws one panel
+    saying there is no box to find.
+    """
+    names = list(shares)
+    rows, cols = _grid(max(len(names), 1), ncols)
+    fig = _figure(3.2 * cols, 2.8 * rows)
+    fig.subplots_adjust(hspace=0.55, wspace=0.3)
+    if not names:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no true box in the evaluated split", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, path)
+    x = np.asarray(thresholds, dtype=np.float64)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        series = [(shares[name], PRED_COLOR, "-", labels[0])]
+        if baseline is not None and name in baseline:
+            series.append((baseline[name], BASELINE_COLOR, "--", labels[1]))
+        for values, color, style, label in series:
+            y = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+            ax.plot(x, y, color=color, linestyle=style, marker="o", markersize=3, label=label)
+        ax.set_xlim(float(x.min()) - 0.02, float(x.max()) + 0.02)
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(alpha=0.3)
+        if counts is not None and name in counts:
+            name = f"{name} ({counts[name]} box{'' if counts[name] == 1 else 'es'})"
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("IoU threshold", fontsize=8)
+        if i % cols == 0:
+            ax.set_ylabel("share found", fontsize=8)
+    handles, names = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, 0.98), ncol=len(names), fontsize="small")
     return _save(fig, path)
 
 

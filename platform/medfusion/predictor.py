@@ -15,7 +15,9 @@ Three ways in, one model call underneath (`predict_batch`):
   ``pred_box_pixels`` in the input image's pixels. A row that cannot be decoded raises PredictError.
 
 Prediction columns: probs (B, C), pred_label (B,), pred_box (B, 4) normalized xyxy, objectness (B,)
-probability, generated_ids (B, L), generated (B,) text, image_attention (B, h, w) (the image encoder's
+probability (both of the most probable class), pred_class_boxes (B, C, 4) normalized xyxy and
+class_objectness (B, C) probability (a box per class), generated_ids (B, L), generated (B,) text (empty,
+L = 0, for a model trained without findings), image_attention (B, h, w) (the image encoder's
 pooling attention), box_attention (B, h, w) (where the box head looked), note_attention (B, Tr).
 
 Notes: an absent, empty or whitespace note means "no note". A long note is cut to the export's
@@ -190,7 +192,10 @@ class Predictor:
         """
         inputs = to_tensors({k: batch[k] for k in ("image", "report_ids") if k in batch}, self.device)
         out = self.model(inputs)
-        generated = self.model.generate(inputs, self.beam_size, self.max_decode_len, outputs=out)
+        if self.model.describes:
+            generated = self.model.generate(inputs, self.beam_size, self.max_decode_len, outputs=out)
+        else:  # trained without findings text: nothing to say, rather than an untrained decoder's words
+            generated = torch.zeros((len(out["logits"]), 0), dtype=torch.long)
         probs = torch.sigmoid(out["logits"]) if self.multi_label else out["logits"].softmax(dim=-1)
         note_attention = out.get("note_attention")
         if note_attention is None:
@@ -201,6 +206,8 @@ class Predictor:
             "pred_label": probs.argmax(dim=-1).cpu().numpy(),
             "pred_box": cxcywh_to_xyxy(out["box"]).clamp(0.0, 1.0).float().cpu().numpy(),
             "objectness": torch.sigmoid(out["objectness"]).float().cpu().numpy(),
+            "pred_class_boxes": cxcywh_to_xyxy(out["class_boxes"]).clamp(0.0, 1.0).float().cpu().numpy(),
+            "class_objectness": torch.sigmoid(out["class_objectness"]).float().cpu().numpy(),
             "generated_ids": generated_np,
             "generated": np.array([self.tokenizer.decode(row) for row in generated_np], dtype=object),
             "image_attention": out["image_attention"].float().cpu().numpy(),
@@ -246,7 +253,9 @@ class Predictor:
 
         Each result: labels [{"name", "probability"}] sorted by probability, top_label, top_probability,
         predicted (top label; multi-label: every label with probability >= 0.5), box {"xyxy" in input
-        pixels, "normalized_xyxy", "score"}, findings (generated text), note_attention [(word, weight)],
+        pixels, "normalized_xyxy", "score"} of the top label, boxes [{"label", "xyxy", "normalized_xyxy",
+        "score"}] of every class whose box score is >= 0.5 (best first), findings (generated text; None
+        for a model trained without findings), note_attention [(word, weight)],
         image_attention (h x w grid of weights summing to 1), image_size {"width", "height"}.
         """
         if errors not in ("raise", "return"):
@@ -282,18 +291,32 @@ class Predictor:
         predicted = [self.classes[c] for c in order if probs[c] >= 0.5] if self.multi_label else [self.classes[top]]
         box = out["pred_box"][row]
         weights = out["note_attention"][row] if out["note_attention"].shape[1] else np.zeros(0)
+        scores = out["class_objectness"][row]
+        claimed = [int(c) for c in np.argsort(-scores, kind="stable") if scores[c] >= 0.5]
         return {
             "labels": [{"name": self.classes[c], "probability": float(probs[c])} for c in order],
             "top_label": self.classes[top],
             "top_probability": float(probs[top]),
             "predicted": predicted,
-            "box": {
-                "xyxy": [float(box[0] * width), float(box[1] * height), float(box[2] * width), float(box[3] * height)],
-                "normalized_xyxy": [float(v) for v in box],
-                "score": float(out["objectness"][row]),
-            },
-            "findings": str(out["generated"][row]),
+            "box": _box_fields(box, float(out["objectness"][row]), width, height),
+            "boxes": [
+                {
+                    "label": self.classes[c],
+                    **_box_fields(out["pred_class_boxes"][row, c], float(scores[c]), width, height),
+                }
+                for c in claimed
+            ],
+            "findings": str(out["generated"][row]) if self.model.describes else None,
             "note_attention": [(word, float(weights[j])) for j, word in enumerate(words) if j < len(weights)],
             "image_attention": out["image_attention"][row].astype(float).tolist(),
             "image_size": {"width": width, "height": height},
         }
+
+
+def _box_fields(box: np.ndarray, score: float, width: int, height: int) -> dict[str, Any]:
+    """A normalized xyxy box as the API gives it: in input pixels, normalized, and its score."""
+    return {
+        "xyxy": [float(box[0] * width), float(box[1] * height), float(box[2] * width), float(box[3] * height)],
+        "normalized_xyxy": [float(v) for v in box],
+        "score": score,
+    }

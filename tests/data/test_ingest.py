@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from dicom_files import deflate_bomb, dicom_file
-from medfusion.config import ConfigError, PrepareConfig
+from medfusion.config import ConfigError, PrepareConfig, SplitConfig
 from medfusion.data.images import decode_image, sniff_format
 from medfusion.data.ingest import MANIFEST_COLUMNS, IngestError, Rejection, open_source
 
@@ -51,16 +51,16 @@ CLASSES = ["effusion", "normal", "pneumonia"]
 MANIFEST_ROWS = [
     ("img/a.png", "pneumonia", "cough for 3 days", "patchy opacity right lower lobe", "8 6 40 30", "p1", "train"),
     ("img/b.jpg", "pneumonia|effusion", "fever", "", "", "p2", ""),
-    ("img/c.dcm", "normal", "", "clear lungs", "", "", "Test"),
-    ("img/missing.png", "normal", "", "", "", "", ""),
-    ("img/garbage.png", "normal", "", "", "", "", ""),
-    ("img/a.png", "pneumonia", "", "", "10 5 900 40", "", ""),
-    ("img/a.png", "cancer", "", "", "", "", ""),
-    ("img/a.png", "normal", "", "", "", "", "holdout"),
-    ("img/a.png", " | ", "", "", "", "", ""),
-    ("img/a.png", "normal", "", "", "1 2 3", "", ""),
-    ("img/a.png", "normal", "", "", "30 5 10 25", "", ""),
-    ("", "normal", "", "", "", "", ""),
+    ("img/c.dcm", "normal", "", "clear lungs", "", "p3", "Test"),
+    ("img/missing.png", "normal", "", "", "", "p4", ""),
+    ("img/garbage.png", "normal", "", "", "", "p5", ""),
+    ("img/a.png", "pneumonia", "", "", "10 5 900 40", "p6", ""),
+    ("img/a.png", "cancer", "", "", "", "p7", ""),
+    ("img/a.png", "normal", "", "", "", "p8", "holdout"),
+    ("img/a.png", " | ", "", "", "", "p9", ""),
+    ("img/a.png", "normal", "", "", "1 2 3", "p10", ""),
+    ("img/a.png", "normal", "", "", "30 5 10 25", "p11", ""),
+    ("", "normal", "", "", "", "p12", ""),
 ]
 GOOD_ROWS = (1, 2, 3)
 # row -> words its rejection reason must contain
@@ -115,6 +115,8 @@ def manifest(request, tmp_path) -> Path:
 
 
 def manifest_cfg(path: Path | str, **kwargs) -> PrepareConfig:
+    """Most tables here leave patient_id out, so they split per image unless a test says otherwise."""
+    kwargs.setdefault("split", SplitConfig(unit="image"))
     return PrepareConfig(source="manifest", source_uri=str(path), **kwargs)
 
 
@@ -132,9 +134,8 @@ def test_manifest_good_rows_become_samples(manifest):
     assert a.report == "cough for 3 days" and a.findings == "patchy opacity right lower lobe"
     assert a.box == pytest.approx((8 / W, 6 / H, 40 / W, 30 / H))
     assert b.labels == [0, 2] and b.box is None and b.split is None
-    assert b.findings == "fever", "findings default to the report"
+    assert b.report == "fever" and b.findings == "", "no findings is no target, never the note copied"
     assert c.labels == [1] and c.split == "test" and c.report == "" and c.findings == "clear lungs"
-    assert c.patient_id == "img/c.dcm", "without patient_id each image is its own patient"
 
     for sample in (a, b, c):
         assert (sample.height, sample.width) == (H, W)
@@ -215,8 +216,8 @@ def test_long_texts_are_truncated_and_counted(tmp_path):
     samples = list(source)
 
     assert [len(s.report) for s in samples] == [20, 20, 2]
-    assert [len(s.findings) for s in samples] == [20, 20, 2]
-    assert source.truncated_texts == 3, "a findings that defaults to a cut report counts once"
+    assert [len(s.findings) for s in samples] == [20, 0, 0], "no findings stays empty, never the note"
+    assert source.truncated_texts == 3
     assert not source.multi_label
 
 
@@ -585,3 +586,118 @@ def test_a_wrong_box_format_is_refused_with_the_fix(tmp_path):
 def test_box_format_must_be_known():
     with pytest.raises(ConfigError, match="box_format: must be one of xyxy, xywh, got 'xyxz'"):
         manifest_cfg("m.csv", box_format="xyxz")
+
+
+# ----------------------------------------------------------------------------- patients
+
+
+def test_a_manifest_without_patient_ids_is_refused_unless_the_split_is_per_image(tmp_path):
+    write_images(tmp_path)
+    write_csv(tmp_path / "m.csv", ["image", "labels"], [("img/a.png", "normal"), ("img/b.jpg", "pneumonia")])
+    with pytest.raises(IngestError) as err:
+        open_source(manifest_cfg(tmp_path / "m.csv", split=SplitConfig()))
+    assert "no row gives a patient_id" in str(err.value) and "split.unit=image" in str(err.value)
+    samples = list(open_source(manifest_cfg(tmp_path / "m.csv", split=SplitConfig(unit="image"))))
+    assert [s.patient_id for s in samples] == ["img/a.png", "img/b.jpg"], "asked for: each image its own patient"
+
+
+def test_rows_without_a_patient_id_are_rejected_beside_rows_with_one(tmp_path):
+    write_images(tmp_path)
+    rows = [("img/a.png", "normal", "p1"), ("img/b.jpg", "pneumonia", "")]
+    write_csv(tmp_path / "m.csv", ["image", "labels", "patient_id"], rows)
+    source = open_source(manifest_cfg(tmp_path / "m.csv", split=SplitConfig()))
+    assert [s.patient_id for s in source] == ["p1"]
+    assert [(r.row, r.reason.split(" (")[0]) for r in source.rejected] == [(2, "no patient_id")]
+
+
+def test_split_unit_is_checked():
+    with pytest.raises(ConfigError, match="split.unit: must be one of patient, image, got 'study'"):
+        SplitConfig(unit="study")
+
+
+# ----------------------------------------------------------------------------- NIH ChestX-ray14
+
+
+def write_nih(root: Path, box_rows: list[tuple], entries: list[tuple] | None = None, name: str = "BBox_List_2017.csv"):
+    """NIH's files as published: the box list's header splits `Bbox [x,y,w,h]` into four cells and its
+    rows end with empty cells; images live in images_001/images/."""
+    folder = root / "images_001" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in {r[0] for r in box_rows}:
+        (folder / image).write_bytes(png())
+    with (root / name).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""])
+        writer.writerows([(*r, "", "", "") for r in box_rows])
+    if entries is not None:
+        header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender"]
+        write_csv(root / "Data_Entry_2017.csv", header, entries)
+
+
+NIH_BOXES = [
+    ("00000147_001.png", "Atelectasis", 8, 6, 20, 10),
+    ("00000147_001.png", "Nodule", 30, 20, 5, 5),
+    ("00000193_019.png", "Infiltrate", 1, 2, 30, 40),
+    ("00000147_001.png", "Nodule", 40, 30, 4, 4),  # a second nodule of the same image
+]
+
+
+def test_nih_box_list_gives_an_image_per_row_group_with_a_box_per_finding(tmp_path):
+    write_nih(tmp_path, NIH_BOXES)
+    source = open_source(PrepareConfig(source="nih", source_uri=str(tmp_path)))
+    samples = {s.sample_id: s for s in source}
+    assert source.classes == ["Atelectasis", "Infiltrate", "Nodule"] and source.multi_label
+    assert sorted(samples) == ["nih-00000147_001", "nih-00000193_019"] and source.rejected == []
+    first = samples["nih-00000147_001"]
+    assert first.patient_id == "00000147", "NIH's patient is the file-name prefix"
+    assert first.labels == [0, 2] and first.report == "" and first.findings == ""
+    assert [(c, pytest.approx(b)) for c, b in first.class_boxes] == [
+        (0, (8 / W, 6 / H, 28 / W, 16 / H)),  # x y w h -> corners
+        (2, (30 / W, 20 / H, 35 / W, 25 / H)),
+        (2, (40 / W, 30 / H, 44 / W, 34 / H)),
+    ]
+    assert first.box == pytest.approx((8 / W, 6 / H, 28 / W, 16 / H)), "box: the first finding's, for schema 1 readers"
+    row = first.row()
+    assert row["box_labels"] == [0, 2, 2] and len(row["boxes"]) == 3
+
+
+def test_nih_data_entry_gives_the_full_labels_and_patient(tmp_path):
+    entries = [
+        ("00000147_001.png", "Atelectasis|Nodule|Emphysema", 1, 147, 60, "M"),
+        ("00000193_019.png", "Infiltration", 19, 193, 40, "F"),
+        ("00000999_000.png", "No Finding", 0, 999, 30, "F"),  # not in the box list: not ingested
+    ]
+    write_nih(tmp_path, NIH_BOXES, entries)
+    source = open_source(PrepareConfig(source="nih", source_uri=str(tmp_path / "BBox_List_2017.csv")))
+    samples = {s.sample_id: s for s in source}
+    assert source.classes == ["Atelectasis", "Emphysema", "Infiltration", "Nodule"]
+    assert samples["nih-00000147_001"].labels == [0, 1, 3], "Emphysema has no box but is a label"
+    assert samples["nih-00000147_001"].patient_id == "00000147"
+    infiltrate = samples["nih-00000193_019"]
+    assert infiltrate.labels == [2] and [c for c, _ in infiltrate.class_boxes] == [2], "Infiltrate is Infiltration"
+
+
+@pytest.mark.parametrize(
+    "rows, reason",
+    [
+        ([("00000147_001.png", "Mass", 8, 6, "x", 10)], "malformed box"),
+        ([("00000147_001.png", "Mass", 8, 6, 0, 10)], "degenerate box"),
+        ([("00000147_001.png", "Mass", 60, 6, 20, 10)], "outside the 64x48 image"),
+        ([("nopatient.png", "Mass", 8, 6, 20, 10)], "no patient"),
+        ([("00000147_001.png", "", 8, 6, 20, 10)], "no Finding Label"),
+    ],
+)
+def test_nih_bad_rows_are_rejected_with_the_reason(tmp_path, rows, reason):
+    write_nih(tmp_path, rows)
+    source = open_source(PrepareConfig(source="nih", source_uri=str(tmp_path)))
+    assert list(source) == []
+    assert len(source.rejected) == 1 and reason in source.rejected[0].reason, source.rejected[0].reason
+
+
+def test_nih_refuses_a_file_that_is_not_the_box_list(tmp_path):
+    write_csv(tmp_path / "BBox_List_2017.csv", ["image", "labels"], [("a.png", "Mass")])
+    with pytest.raises(IngestError, match="is not NIH's box list"):
+        open_source(PrepareConfig(source="nih", source_uri=str(tmp_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IngestError, match="none of BBox_List_2017.csv, bbox.csv in the folder"):
+        open_source(PrepareConfig(source="nih", source_uri=str(tmp_path / "empty")))

@@ -47,10 +47,12 @@ def test_forward_shapes(synth_data, name, fusion):
         "logits": (3, classes),
         "box": (3, 4),
         "objectness": (3,),
-        "region_boxes": (3, grid * grid, 4),
-        "box_logits": (3, grid * grid),
-        "coarse_box": (3, 4),
-        "refined_boxes": (3, 2, 4),
+        "class_boxes": (3, classes, 4),
+        "class_objectness": (3, classes),
+        "region_boxes": (3, classes, grid * grid, 4),
+        "box_logits": (3, classes, grid * grid),
+        "coarse_boxes": (3, classes, 4),
+        "refined_boxes": (3, classes, 2, 4),
         "image_attention": (3, grid, grid),
         "box_attention": (3, grid, grid),
         "note_attention": tuple(batch["report_ids"].shape),
@@ -192,6 +194,33 @@ def test_multi_label_uses_sigmoid_bce(synth_data):
     _, parts = model.loss(batch, out)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], batch["labels"])
     assert torch.allclose(parts["cls"], expected.detach())
+
+
+def test_balanced_classes_weigh_the_positives_of_rare_classes(synth_data):
+    batch = synth_data.batch(0, 4)
+    classes = len(synth_data.classes)
+    weights = [1.0 + c for c in range(classes)]
+    model = create_model("medfusion_tiny", len(synth_data.tokenizer), classes, multi_label=True, pos_weight=weights)
+    out = model(batch)
+    _, parts = model.loss(batch, out)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], batch["labels"])
+    weighted = torch.nn.functional.binary_cross_entropy_with_logits(
+        out["logits"], batch["labels"], pos_weight=torch.tensor(weights)
+    )
+    assert torch.allclose(parts["cls"], weighted.detach()) and not torch.allclose(parts["cls"], plain.detach())
+
+
+def test_class_pos_weight_is_negatives_over_positives_within_bounds():
+    from medfusion.config import MAX_POS_WEIGHT
+    from medfusion.data.dataset import DatasetInfo
+    from medfusion.training.run import class_pos_weight
+
+    manifest = {
+        "classes": ["common", "rare", "absent", "majority"],
+        "splits": {"train": {"rows": 100, "class_counts": {"common": 20, "rare": 2, "majority": 80}}},
+    }
+    info = DatasetInfo(uri="mem://", version="v", manifest=manifest, tokenizer=None)
+    assert class_pos_weight(info) == [4.0, MAX_POS_WEIGHT, MAX_POS_WEIGHT, 1.0]
 
 
 @pytest.mark.parametrize(

@@ -19,17 +19,20 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from medfusion import storage
-from medfusion.config import DataConfig
+from medfusion.config import AugmentConfig, DataConfig
 from medfusion.data.batches import BATCH_KEYS, collate
-from medfusion.data.schema import SCHEMA_VERSION, SPLITS
+from medfusion.data.schema import SCHEMA_VERSION, SPLITS, SUPPORTED_SCHEMA_VERSIONS
 from medfusion.data.shards import MANIFEST
 from medfusion.data.tokenizer import Tokenizer
+from medfusion.loader import to_dict
 
 if TYPE_CHECKING:
     import ray.data
 
 # What the model needs from a shard; `sample_id` etc. are added for evaluation only.
 MODEL_COLUMNS = ["image", "report", "findings", "labels", "box"]
+FINDING_BOX_COLUMNS = ["box_labels", "boxes"]
+"""Schema 2's boxes per finding; schema 1 datasets have only `box`."""
 
 
 class DatasetError(ValueError):
@@ -58,6 +61,11 @@ class DatasetInfo:
     def multi_label(self) -> bool:
         return bool(self.manifest.get("multi_label", False))
 
+    @property
+    def model_columns(self) -> list[str]:
+        """The shard columns `collate` reads from this dataset."""
+        return MODEL_COLUMNS + (FINDING_BOX_COLUMNS if self.manifest.get("schema_version", 1) >= 2 else [])
+
     def rows(self, split: str) -> int:
         return int(self.manifest["splits"][split]["rows"])
 
@@ -85,10 +93,10 @@ def open_dataset(uri: str, verify: bool = False) -> DatasetInfo:
         manifest = json.loads(raw)
     except ValueError as err:
         raise DatasetError(f"{manifest_uri}: not valid JSON ({err})") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in SUPPORTED_SCHEMA_VERSIONS:
         raise DatasetError(
             f"{manifest_uri}: schema_version {manifest.get('schema_version')!r} is not supported "
-            f"(expected {SCHEMA_VERSION})"
+            f"(expected one of {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}; this release writes {SCHEMA_VERSION})"
         )
     tok_meta = manifest["tokenizer"]
     tok_uri = storage.join(uri, tok_meta["path"])
@@ -124,10 +132,17 @@ def verify_dataset(info: DatasetInfo, progress=None) -> int:
     return checked
 
 
-def _read_shard(uri: str, columns: list[str]):
+def read_shard(uri: str, columns: list[str] | None = None, schema_only: bool = False):
+    """One shard's `columns` as a pyarrow Table (or only its schema), read with retries; a missing or
+    unreadable shard is a DatasetError naming it."""
     fs, path = storage.filesystem(uri)
+    read = (
+        (lambda: pq.read_schema(path, filesystem=fs))
+        if schema_only
+        else (lambda: pq.read_table(path, columns=columns, filesystem=fs))
+    )
     try:
-        return storage.with_retries(f"read {uri}", lambda: pq.read_table(path, columns=columns, filesystem=fs))
+        return storage.with_retries(f"read {uri}", read)
     except FileNotFoundError:
         raise DatasetError(f"shard {uri}: missing") from None
     except Exception as err:
@@ -144,6 +159,7 @@ def collate_kwargs(info: DatasetInfo, data_cfg: DataConfig) -> dict[str, Any]:
         "image_size": data_cfg.image_size,
         "max_report_tokens": data_cfg.max_report_tokens,
         "max_findings_tokens": data_cfg.max_findings_tokens,
+        "report_keep": data_cfg.report_keep,
     }
 
 
@@ -155,11 +171,11 @@ def iter_local_batches(
     limit: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Model batches of one split read in this process with pyarrow (no Ray): tests, small evals."""
-    columns = MODEL_COLUMNS + [c for c in extra_columns if c not in MODEL_COLUMNS]
+    columns = info.model_columns + [c for c in extra_columns if c not in info.model_columns]
     kwargs = collate_kwargs(info, data_cfg)
     served = 0
     for uri in info.shard_uris(split):
-        table = _read_shard(uri, columns)
+        table = read_shard(uri, columns)
         for batch in table.to_batches(max_chunksize=data_cfg.batch_size):
             if limit is not None and served >= limit:
                 return
@@ -191,7 +207,8 @@ def preprocess_rows(
     where an actor pool first waits for its actors to start.
     """
     rng = None
-    if report_dropout > 0.0:
+    augment_settings = AugmentConfig(**data["augment"]) if data.get("augment") else None
+    if report_dropout > 0.0 or augment_settings is not None:
         # A different stream per batch, reproducible from the seed and the batch's first sample.
         first = str(rows["sample_id"][0]) if "sample_id" in rows and len(rows["sample_id"]) else ""
         rng = np.random.default_rng([seed or 0, int(hashlib.sha256(first.encode()).hexdigest()[:8], 16)])
@@ -204,6 +221,8 @@ def preprocess_rows(
         max_findings_tokens=data["max_findings_tokens"],
         report_dropout=report_dropout,
         rng=rng,
+        report_keep=data.get("report_keep", "head"),
+        augment_settings=augment_settings,
     )
     # Only numeric columns reach training workers (iter_torch_batches), unless asked for.
     return {k: v for k, v in batch.items() if k in BATCH_KEYS or k in passthrough}
@@ -252,8 +271,9 @@ def stream_split(
     fs, _ = storage.filesystem(uris[0])
     paths = [storage.filesystem(u)[1] for u in uris]
     dropout = data_cfg.report_dropout if training else 0.0
-    columns = MODEL_COLUMNS + [c for c in extra_columns if c not in MODEL_COLUMNS]
-    if dropout > 0.0 and "sample_id" not in columns:
+    augmenting = training and data_cfg.augment.enabled
+    columns = info.model_columns + [c for c in extra_columns if c not in info.model_columns]
+    if (dropout > 0.0 or augmenting) and "sample_id" not in columns:
         columns.append("sample_id")
     ds = _read_parquet(paths, fs).select_columns(columns)
     return ds.map_batches(
@@ -265,6 +285,8 @@ def stream_split(
                 "image_size": data_cfg.image_size,
                 "max_report_tokens": data_cfg.max_report_tokens,
                 "max_findings_tokens": data_cfg.max_findings_tokens,
+                "report_keep": data_cfg.report_keep,
+                "augment": to_dict(data_cfg.augment) if augmenting else None,
             },
             "report_dropout": dropout,
             "seed": seed,
@@ -302,11 +324,44 @@ def summarize(info: DatasetInfo) -> dict[str, Any]:
                 "rows": v["rows"],
                 "shards": len(v["shards"]),
                 "with_box": v.get("with_box", 0),
+                "boxes": v.get("boxes", v.get("with_box", 0)),
+                "with_report": v.get("with_report"),
+                "with_findings": v.get("with_findings"),
                 "class_counts": v.get("class_counts", {}),
             }
             for s, v in info.manifest["splits"].items()
         },
         "rejected": info.manifest.get("rejected", {}).get("rows", 0),
+        "truncated_texts": info.manifest.get("truncated_texts", 0),
+        "text_words": info.manifest.get("text_words"),
         "source": info.manifest.get("source", {}),
         "created_at": info.manifest.get("created_at"),
     }
+
+
+def text_length_lines(summary: dict[str, Any], data_cfg: DataConfig | None = None) -> list[str]:
+    """What `data inspect` says about the texts: how long they are, and how many the token limits cut."""
+    data_cfg = data_cfg or DataConfig()
+    words = summary.get("text_words") or {}
+    lines = []
+    limits = (
+        ("report", "notes", data_cfg.max_report_tokens, "data.max_report_tokens"),
+        ("findings", "findings", data_cfg.max_findings_tokens - 2, "data.max_findings_tokens"),
+    )
+    for key, shown, limit, field_name in limits:
+        stats = words.get(key)
+        if not stats:
+            continue
+        if not stats["count"]:
+            lines.append(f"{shown}: none in this dataset")
+            continue
+        over = sum(count for n, count in stats["histogram"].items() if int(n) > limit)
+        cut = f"; {over} longer than {field_name}={limit if key == 'report' else limit + 2}"
+        if key == "report" and over:
+            cut += f" (the {data_cfg.report_keep} is kept; data.report_keep chooses head, tail or head_tail)"
+        lines.append(
+            f"{shown}: {stats['count']} given, words p50 {stats['p50']} p90 {stats['p90']} max {stats['max']}{cut}"
+        )
+    if summary.get("truncated_texts"):
+        lines.append(f"texts cut at prepare.max_report_chars: {summary['truncated_texts']}")
+    return lines

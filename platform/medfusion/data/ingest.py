@@ -1,4 +1,5 @@
-"""Reading real sources: the generic manifest (CSV or JSONL) and the IU X-Ray / OpenI layout.
+"""Reading real sources: the generic manifest (CSV or JSONL), the IU X-Ray / OpenI layout, and NIH
+ChestX-ray14's box list (BBox_List_2017.csv, with Data_Entry_2017.csv for the full labels) as published.
 
 `open_source(cfg)` reads the source's text tables at once (so a whole-source problem such as a
 missing column fails before any image is touched) and returns a `Source`: an iterable of `Sample`s
@@ -46,6 +47,13 @@ IU_IMAGE_FOLDERS = ("images/images_normalized", "images", "")  # searched in thi
 IU_FRONTAL = "frontal"
 IU_PROBLEM_SEPARATOR = ";"
 
+NIH_BOXES = ("BBox_List_2017.csv", "bbox.csv")  # NIH's name, and the development set's
+NIH_ENTRIES = "Data_Entry_2017.csv"
+NIH_IMAGE_FOLDERS = ("images", "")  # then anywhere below (NIH ships images_001/images/ ... images_012/images/)
+NIH_NO_FINDING = "No Finding"
+NIH_BOX_NAMES = {"Infiltrate": "Infiltration"}
+"""The box list spells one finding differently from Data_Entry_2017.csv's labels."""
+
 READ_WORKERS = 4
 """Images read and decoded concurrently; object-store reads are latency bound, so threads help."""
 KNOWN_CLASSES_SHOWN = 20
@@ -92,6 +100,8 @@ class _Entry:
     findings: str
     box: tuple[float, float, float, float] | None = None
     """Pixels of the original image."""
+    class_boxes: list[tuple[str, tuple[float, float, float, float]]] = field(default_factory=list)
+    """(finding, box in pixels) per boxed finding, when the source gives boxes per finding."""
     split: str | None = None
     truncated: int = 0
     """How many of report/findings were cut at max_report_chars."""
@@ -166,6 +176,8 @@ class Source:
             raise _RowError(f"image '{entry.image}' cannot be decoded: {detail}") from None
         height, width = gray.shape
         box = None if entry.box is None else _normalize_box(entry.box, width, height)
+        index = {name: i for i, name in enumerate(self.classes)}
+        class_boxes = [(index[name], _normalize_box(b, width, height)) for name, b in entry.class_boxes]
         stored, gray = _stored_image(data, gray, self.image_size)
         return Sample(
             sample_id=entry.sample_id,
@@ -178,11 +190,12 @@ class Source:
             labels=list(entry.labels),
             box=box,
             split=entry.split,
+            class_boxes=class_boxes,
         )
 
 
 def open_source(cfg: PrepareConfig, workers: int = READ_WORKERS) -> Source:
-    """Open the real source that `cfg` names: cfg.source "manifest" or "iu_xray".
+    """Open the real source that `cfg` names: cfg.source "manifest", "iu_xray" or "nih".
 
     Reads the text tables now; images are read while iterating the returned `Source`.
 
@@ -194,7 +207,9 @@ def open_source(cfg: PrepareConfig, workers: int = READ_WORKERS) -> Source:
         return Source("manifest", cfg.source_uri, _manifest_items(cfg), cfg, workers)
     if cfg.source == "iu_xray":
         return Source("iu_xray", cfg.source_uri, _iu_xray_items(cfg), cfg, workers)
-    raise IngestError(f"source={cfg.source!r} is not a file source (expected manifest or iu_xray)")
+    if cfg.source == "nih":
+        return Source("nih", cfg.source_uri, _nih_items(cfg), cfg, workers)
+    raise IngestError(f"source={cfg.source!r} is not a file source (expected manifest, iu_xray or nih)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,11 +237,19 @@ def _manifest_items(cfg: PrepareConfig) -> list[_Entry | Rejection]:
         image = record.get("image")
         shown = image if isinstance(image, str) else ""
         try:
-            items.append(_manifest_entry(row, record, uri, stem, base, cfg.max_report_chars, cfg.box_format))
+            items.append(
+                _manifest_entry(row, record, uri, stem, base, cfg.max_report_chars, cfg.box_format, cfg.split.unit)
+            )
         except _RowError as err:
             items.append(Rejection(row, uri, str(err), shown))
     if not items:
         raise IngestError(f"manifest {uri}: no data rows")
+    no_patient = any(isinstance(i, Rejection) and i.reason.startswith(NO_PATIENT) for i in items)
+    if no_patient and not any(isinstance(i, _Entry) for i in items):
+        raise IngestError(
+            f"manifest {uri}: no row gives a patient_id, so one patient's images could land in both train and "
+            "test; add a patient_id column, or set split.unit=image to split per image knowingly"
+        )
     _check_box_format(items, uri, cfg.box_format)
     return _keep_patients_whole(items, uri)
 
@@ -283,8 +306,18 @@ def _keep_patients_whole(items: list[_Entry | Rejection], uri: str) -> list[_Ent
     return items
 
 
+NO_PATIENT = "no patient_id"
+
+
 def _manifest_entry(
-    row: int, record: dict, uri: str, stem: str, base: str, max_chars: int, box_format: str = "xyxy"
+    row: int,
+    record: dict,
+    uri: str,
+    stem: str,
+    base: str,
+    max_chars: int,
+    box_format: str = "xyxy",
+    split_unit: str = "patient",
 ) -> _Entry:
     image = record.get("image")
     if image is None or (isinstance(image, str) and not image.strip()):
@@ -294,12 +327,16 @@ def _manifest_entry(
     image = image.strip()
     labels = _label_list(record.get("labels"))
     report, cut_report = _truncate(_text(record.get("report"), "report"), max_chars)
-    findings_text = _text(record.get("findings"), "findings")
-    findings, cut_findings = _truncate(findings_text, max_chars) if findings_text else (report, cut_report)
+    # No findings is no generation target: never the note in its place (the decoder would learn to copy it).
+    findings, cut_findings = _truncate(_text(record.get("findings"), "findings"), max_chars)
     split = _text(record.get("split"), "split").lower() or None
     if split is not None and split not in SPLITS:
         raise _RowError(f"split '{split}' is not one of {', '.join(SPLITS)} (or empty)")
-    patient_id = _text(record.get("patient_id"), "patient_id") or image
+    patient_id = _text(record.get("patient_id"), "patient_id")
+    if not patient_id:
+        if split_unit != "image":
+            raise _RowError(f"{NO_PATIENT} (a patient could land in train and test; or set split.unit=image)")
+        patient_id = image
     return _Entry(
         row=row,
         source=uri,
@@ -312,7 +349,7 @@ def _manifest_entry(
         findings=findings,
         box=_parse_box(record.get("box"), box_format),
         split=split,
-        truncated=int(cut_report) + int(cut_findings and bool(findings_text)),
+        truncated=int(cut_report) + int(cut_findings),
     )
 
 
@@ -512,6 +549,110 @@ class _FileIndex:
         if not candidates:
             return None
         return self.by_path[min(candidates, key=lambda p: (p.count("/"), p))]
+
+
+# --------------------------------------------------------------------------------------------
+# NIH ChestX-ray14
+# --------------------------------------------------------------------------------------------
+
+
+def _nih_items(cfg: PrepareConfig) -> list[_Entry | Rejection]:
+    """One entry per image of the box list: its boxed findings (each with its own box), its labels
+    (Data_Entry_2017.csv's full set when present, else the boxed findings) and its patient (Data_Entry's
+    Patient ID, else the file-name prefix: 00000147_001.png is patient 00000147)."""
+    uri = cfg.source_uri
+    root = storage.parent(uri) if _suffix(uri) == ".csv" else uri.rstrip("/")
+    if not storage.is_s3(root) and not Path(root).is_dir():
+        raise IngestError(f"nih {root}: no such folder")
+    files = _FileIndex(root)
+    boxes_uri = uri if _suffix(uri) == ".csv" else next(filter(None, (files.find(n, ("",)) for n in NIH_BOXES)), None)
+    if boxes_uri is None:
+        raise IngestError(f"nih {root}: none of {', '.join(NIH_BOXES)} in the folder")
+    entries_uri = files.find(NIH_ENTRIES, ("",))
+    entries = _nih_entries(entries_uri) if entries_uri else {}
+
+    items: dict[str, _Entry | Rejection] = {}
+    for row, cells in _nih_box_rows(boxes_uri):
+        name = cells[0].strip()
+        item = items.get(name)
+        if isinstance(item, Rejection):
+            continue
+        try:
+            finding, box = _nih_box(cells, entries)
+            if item is None:
+                item = items[name] = _nih_entry(row, name, boxes_uri, files, entries)
+            item.class_boxes.append((finding, box))
+            item.label_names = _unique([*item.label_names, finding])
+            item.box = item.box or box
+        except _RowError as err:
+            items[name] = Rejection(row, boxes_uri, str(err), name)
+    if not items:
+        raise IngestError(f"nih {boxes_uri}: no data rows")
+    return list(items.values())
+
+
+def _nih_box_rows(uri: str) -> list[tuple[int, list[str]]]:
+    """(data row number, cells) of the box list. Its header `Image Index,Finding Label,Bbox [x,y,w,h]`
+    splits the box into four cells, and NIH's own file ends each row with empty cells."""
+    reader = csv.reader(io.StringIO(_read_table(uri, "nih")))
+    header = [h.strip() for h in next(reader, [])]
+    if header[:2] != ["Image Index", "Finding Label"]:
+        raise IngestError(
+            f"nih {uri}: header {','.join(header)!r} is not NIH's box list "
+            "(expected Image Index,Finding Label,Bbox [x,y,w,h])"
+        )
+    return [(row, cells) for row, cells in enumerate(reader, start=1) if any(c.strip() for c in cells)]
+
+
+def _nih_box(cells: list[str], entries: dict[str, tuple[list[str], str]]) -> tuple[str, tuple[float, ...]]:
+    finding = cells[1].strip() if len(cells) > 1 else ""
+    if not finding:
+        raise _RowError("no Finding Label")
+    if entries:  # name the finding as the label list does
+        finding = NIH_BOX_NAMES.get(finding, finding)
+    return finding, _parse_box(list(cells[2:6]), "xywh")  # NIH publishes x y w h
+
+
+def _nih_entry(
+    row: int, name: str, source: str, files: _FileIndex, entries: dict[str, tuple[list[str], str]]
+) -> _Entry:
+    if not name:
+        raise _RowError("empty Image Index")
+    image_uri = files.find(name, NIH_IMAGE_FOLDERS)
+    if image_uri is None:
+        raise _RowError(f"image '{name}': no such file in {files.root} (looked in images/ and below)")
+    labels, patient = entries.get(name, ([], ""))
+    if not patient:
+        patient = name.split("_", 1)[0] if "_" in name else ""
+        if not patient:
+            raise _RowError(f"image '{name}': no patient (not in {NIH_ENTRIES}, and no NNNNNNNN_ prefix)")
+    return _Entry(
+        row=row,
+        source=source,
+        image=name,
+        image_uri=image_uri,
+        sample_id=f"nih-{_stem(name)}",
+        patient_id=patient,
+        label_names=list(labels),
+        report="",
+        findings="",
+    )
+
+
+def _nih_entries(uri: str) -> dict[str, tuple[list[str], str]]:
+    """Image Index -> (Finding Labels without 'No Finding', Patient ID) of Data_Entry_2017.csv."""
+    # _csv_rows matches column names case-blind and gives them lower-cased.
+    rows = _csv_rows(_read_table(uri, "nih"), uri, "nih entries", ("image index", "finding labels", "patient id"))
+    out: dict[str, tuple[list[str], str]] = {}
+    for _, record in rows:
+        if isinstance(record, dict):
+            labels = _unique(p.strip() for p in record["finding labels"].split(LABEL_SEPARATOR))
+            patient = record["patient id"].strip()
+            out[record["image index"].strip()] = (
+                [n for n in labels if n != NIH_NO_FINDING],
+                patient.zfill(8) if patient.isdigit() else patient,
+            )
+    return out
 
 
 # --------------------------------------------------------------------------------------------

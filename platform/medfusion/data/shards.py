@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from medfusion import storage
 from medfusion.data.schema import SCHEMA_VERSION, SHARD_SCHEMA, SPLITS, Sample
-from medfusion.data.tokenizer import Tokenizer
+from medfusion.data.tokenizer import Tokenizer, split_words
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -36,6 +36,21 @@ ROW_GROUP_ROWS = 1024
 
 class DatasetExistsError(FileExistsError):
     """The output URI already holds a dataset and overwrite was not asked for."""
+
+
+def text_lengths(lengths: list[int]) -> dict:
+    """How long the non-empty texts are in words: count, quantiles, and the histogram {words: texts}
+    from which `data inspect` counts the texts a token limit cuts."""
+    given = sorted(n for n in lengths if n > 0)
+    if not given:
+        return {"count": 0, "p50": 0, "p90": 0, "max": 0, "histogram": {}}
+    return {
+        "count": len(given),
+        "p50": given[len(given) // 2],
+        "p90": given[min(len(given) - 1, int(0.9 * len(given)))],
+        "max": given[-1],
+        "histogram": {str(n): c for n, c in sorted(Counter(given).items())},
+    }
 
 
 def assign_split(patient_id: str, val: float, test: float, salt: str) -> str:
@@ -128,6 +143,11 @@ def write_dataset(
     writers = {s: _SplitWriter(output_uri, s, target) for s in SPLITS}
     class_counts: dict[str, Counter] = defaultdict(Counter)
     boxes: Counter = Counter()
+    finding_boxes: Counter = Counter()
+    reports: Counter = Counter()
+    findings: Counter = Counter()
+    report_words: list[int] = []
+    findings_words: list[int] = []
     train_texts: list[str] = []
     seen_ids: set[str] = set()
     for sample in samples:
@@ -139,6 +159,11 @@ def write_dataset(
         for index in sample.labels:
             class_counts[split][classes[index]] += 1
         boxes[split] += sample.box is not None
+        finding_boxes[split] += len(sample.finding_boxes())
+        report_words.append(len(split_words(sample.report)))
+        findings_words.append(len(split_words(sample.findings)))
+        reports[split] += report_words[-1] > 0
+        findings[split] += findings_words[-1] > 0
         if split == "train":
             train_texts.append(sample.report)
             train_texts.append(sample.findings)
@@ -170,6 +195,9 @@ def write_dataset(
             s: {
                 "rows": sum(sh["rows"] for sh in w.shards),
                 "with_box": boxes[s],
+                "boxes": finding_boxes[s],
+                "with_report": reports[s],
+                "with_findings": findings[s],
                 "class_counts": dict(sorted(class_counts[s].items())),
                 "shards": w.shards,
             }
@@ -177,6 +205,7 @@ def write_dataset(
         },
         "rejected": {"path": REJECTED, "rows": len(rejected), "sha256": _sha256(rejected_bytes)},
         "split": {"val": split_val, "test": split_test, "salt": split_salt},
+        "text_words": {"report": text_lengths(report_words), "findings": text_lengths(findings_words)},
         # Callables are evaluated now, after the source is exhausted (lazy sources count as they go).
         **{k: (v() if callable(v) else v) for k, v in (extra or {}).items()},
     }

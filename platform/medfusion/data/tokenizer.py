@@ -48,19 +48,29 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
-    def encode(self, text: str, max_len: int, bos_eos: bool = False) -> list[int]:
-        """Token ids, truncated to `max_len` (with <bos>/<eos> counted when `bos_eos`)."""
-        ids = [self._index.get(w, UNK_ID) for w in split_words(text)]
-        if bos_eos:
-            return [BOS_ID, *ids[: max_len - 2], EOS_ID]
-        return ids[:max_len]
+    def encode(self, text: str, max_len: int, bos_eos: bool = False, keep: str = "head") -> list[int]:
+        """Token ids, truncated to `max_len` (with <bos>/<eos> counted when `bos_eos`).
 
-    def encode_batch(self, texts: Iterable[str], max_len: int, bos_eos: bool = False) -> np.ndarray:
+        `keep` says which part of a longer text survives: "head" (the start), "tail" (the end: a case
+        note's conclusion), or "head_tail" (the first and last halves of the budget).
+        """
+        ids = [self._index.get(w, UNK_ID) for w in split_words(text)]
+        budget = max_len - 2 if bos_eos else max_len
+        if len(ids) > budget:
+            if keep == "tail":
+                ids = ids[len(ids) - budget :]
+            elif keep == "head_tail":
+                ids = ids[: budget - budget // 2] + ids[len(ids) - budget // 2 :]
+            else:
+                ids = ids[:budget]
+        return [BOS_ID, *ids, EOS_ID] if bos_eos else ids
+
+    def encode_batch(self, texts: Iterable[str], max_len: int, bos_eos: bool = False, keep: str = "head") -> np.ndarray:
         """A (B, max_len) int64 array, right-padded with <pad>."""
         texts = list(texts)
         out = np.full((len(texts), max_len), PAD_ID, dtype=np.int64)
         for row, text in enumerate(texts):
-            ids = self.encode(text or "", max_len, bos_eos)
+            ids = self.encode(text or "", max_len, bos_eos, keep)
             out[row, : len(ids)] = ids
         return out
 

@@ -18,7 +18,7 @@ from medfusion.models.heads import (
     text_loss,
 )
 from medfusion.models.image_encoder import ImageEncoder, ImageFeatures
-from medfusion.models.model import MedFusionModel, build_model, count_parameters, to_tensors
+from medfusion.models.model import MedFusionModel, build_model, count_parameters, finding_boxes, to_tensors
 from medfusion.models.registry import MODEL_REGISTRY, create_model, list_models, preset_config, register_model
 from medfusion.models.text_encoder import NoteEncoder, NoteFeatures
 
@@ -47,6 +47,7 @@ __all__ = [
     "preset_config",
     "register_model",
     "text_loss",
+    "finding_boxes",
     "to_tensors",
     "xyxy_to_cxcywh",
 ]

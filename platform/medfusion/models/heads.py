@@ -49,43 +49,59 @@ class ClassificationHead(nn.Module):
 
 @dataclass
 class BoxOutput:
+    """One box per class: a finding's box is where its own query attends (NIH boxes up to 3 findings
+    per image, each somewhere else)."""
+
     box: Tensor
-    """(B, 4) normalized cxcywh: the attention-weighted mean of the region boxes."""
+    """(B, C, 4) normalized cxcywh: per class, the attention-weighted mean of the region boxes."""
     objectness: Tensor
-    """(B,) logit: is there a lesion at all?"""
+    """(B, C) logits: is there a boxed lesion of this class?"""
     attention: Tensor
-    """(B, R) softmax of `attention_logits`: how much each region's box counts."""
+    """(B, C, R) softmax of `attention_logits`: how much each region's box counts, per class."""
     attention_logits: Tensor
-    """(B, R)."""
+    """(B, C, R)."""
     region_boxes: Tensor
-    """(B, R, 4) normalized xyxy: the box each region predicts around its own centre."""
+    """(B, C, R, 4) normalized xyxy: the box each region predicts around its own centre, per class."""
 
 
 class BoxHead(nn.Module):
-    """(fused (B, D), image) -> BoxOutput; see the module docstring."""
+    """(fused (B, D), image) -> BoxOutput; see the module docstring.
 
-    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+    Each class asks its own question of the regions: a query from the fused vector plus a learned
+    per-class offset, so the classes share what they learn about lesions and differ in where to look.
+    """
+
+    def __init__(self, dim: int, num_classes: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.query = nn.Linear(2 * dim, dim)
+        # A module, not a bare Parameter: ZeRO-3 gathers a module's weights around its own call only.
+        self.class_query = nn.Embedding(num_classes, dim)
+        nn.init.zeros_(self.class_query.weight)
         self.key = nn.Linear(dim, dim)
-        self.edges = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, 4))
+        # The region and query halves of one Linear over their concatenation, applied apart so that
+        # the (B, C, R, D) hidden layer is one sum, not a concatenated (B, C, R, 2D) input.
+        self.edges_region = nn.Linear(dim, dim)
+        self.edges_query = nn.Linear(dim, dim, bias=False)
+        self.edges_out = nn.Linear(dim, 4)
         self.objectness = nn.Sequential(nn.Linear(3 * dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, 1))
         self.scale = dim**-0.5
 
     def forward(self, fused: Tensor, image: ImageFeatures) -> BoxOutput:
         context = torch.cat([fused, image.pooled], dim=-1)  # (B, 2D)
-        query = self.query(context)  # (B, D)
-        logits = torch.einsum("bd,brd->br", query, self.key(image.regions)) * self.scale  # (B, R)
+        classes = torch.arange(self.class_query.num_embeddings, device=fused.device)
+        query = self.query(context).unsqueeze(1) + self.class_query(classes)  # (B, C, D)
+        logits = torch.einsum("bcd,brd->bcr", query, self.key(image.regions)) * self.scale  # (B, C, R)
         attention = logits.softmax(dim=-1)
-        attended = torch.einsum("br,brd->bd", attention, image.regions)  # (B, D)
+        attended = torch.einsum("bcr,brd->bcd", attention, image.regions)  # (B, C, D)
         height, width = image.grid
         centres = grid_coordinates(height, width, device=fused.device).to(attention.dtype)  # (R, 2) as (x, y)
-        asked = query.unsqueeze(1).expand(-1, image.regions.shape[1], -1)  # (B, R, D)
+        hidden = F.relu(self.edges_region(image.regions).unsqueeze(1) + self.edges_query(query).unsqueeze(2))
         # Distances to the left, top, right and bottom edges, in cells (softplus: never negative).
-        edges = F.softplus(self.edges(torch.cat([image.regions, asked], dim=-1))) / max(height, width)
-        region_boxes = torch.cat([centres - edges[..., :2], centres + edges[..., 2:]], dim=-1)  # (B, R, 4)
-        box = xyxy_to_cxcywh(torch.einsum("br,brk->bk", attention, region_boxes))
-        objectness = self.objectness(torch.cat([context, attended], dim=-1)).squeeze(-1)
+        edges = F.softplus(self.edges_out(hidden)) / max(height, width)  # (B, C, R, 4)
+        region_boxes = torch.cat([centres - edges[..., :2], centres + edges[..., 2:]], dim=-1)  # (B, C, R, 4)
+        box = xyxy_to_cxcywh(torch.einsum("bcr,bcrk->bck", attention, region_boxes))
+        every_class = context.unsqueeze(1).expand(-1, query.shape[1], -1)  # (B, C, 2D)
+        objectness = self.objectness(torch.cat([every_class, attended], dim=-1)).squeeze(-1)
         return BoxOutput(box, objectness, attention, logits, region_boxes)
 
 
@@ -155,10 +171,12 @@ class BoxRefiner(nn.Module):
         )
 
 
-def classification_loss(logits: Tensor, labels: Tensor, multi_label: bool) -> Tensor:
-    """Softmax cross-entropy on the argmax of multi-hot `labels`, or per-class sigmoid BCE."""
+def classification_loss(logits: Tensor, labels: Tensor, multi_label: bool, pos_weight: Tensor | None = None) -> Tensor:
+    """Softmax cross-entropy on the argmax of multi-hot `labels`, or per-class sigmoid BCE (with the
+    positives of class c weighted by pos_weight[c], when given)."""
     if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        weight = None if pos_weight is None else pos_weight.to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=weight)
     return F.cross_entropy(logits, labels.argmax(dim=-1))
 
 
@@ -232,9 +250,12 @@ def _regions_inside(target_xyxy: Tensor, has_box: Tensor, regions: int) -> Tenso
     return inside & has_box.unsqueeze(1)
 
 
-def text_loss(decoder_logits: Tensor, findings_ids: Tensor, pad_id: int = 0) -> Tensor:
-    """Token cross-entropy of teacher-forced logits (B, T-1, V) against findings_ids[:, 1:]."""
+def text_loss(decoder_logits: Tensor, findings_ids: Tensor, pad_id: int = 0, present: Tensor | None = None) -> Tensor:
+    """Token cross-entropy of teacher-forced logits (B, T-1, V) against findings_ids[:, 1:], over the
+    rows whose findings are `present` (B,): a row without findings is no target, not "<eos> at once"."""
     target = findings_ids[:, 1:]  # (B, T-1)
+    if present is not None:
+        target = target.masked_fill(present.unsqueeze(1) < 0.5, pad_id)
     if not bool((target != pad_id).any()):
         return decoder_logits.sum() * 0.0  # no findings at all in this batch
     return F.cross_entropy(

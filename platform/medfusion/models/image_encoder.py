@@ -7,6 +7,9 @@ vector by additive spatial attention (whose weights are drawn over the image as 
 
 GroupNorm instead of BatchNorm: training batches are small per worker and inference runs one image
 at a time, and GroupNorm behaves the same in both (no running statistics to drift).
+
+Standard backbones (DenseNet-121, ResNet-18/50) are in medfusion.models.backbones; they turn their
+feature map into ImageFeatures with the same `grid_features`.
 """
 
 from __future__ import annotations
@@ -126,10 +129,18 @@ class ImageEncoder(nn.Module):
         if image.shape[1] == 1 and expected == 3:  # the data pipeline is grayscale; an RGB stem sees grey
             image = image.expand(-1, 3, -1, -1)
         fmap = self.stages(self.stem(image))  # (B, C, h, w)
-        batch, _, height, width = fmap.shape
-        cells = fmap.flatten(2).transpose(1, 2)  # (B, R, C)
-        coords = grid_coordinates(height, width, image.device).to(cells.dtype)  # (R, 2)
-        cells = torch.cat([cells, coords.expand(batch, -1, -1)], dim=-1)  # (B, R, C+2)
-        regions = self.dropout(F.relu(self.region_proj(cells)))  # (B, R, D)
-        pooled, attention = self.pool(regions)  # (B, D), (B, R)
-        return ImageFeatures(regions=regions, pooled=pooled, attention=attention, grid=(height, width))
+        return grid_features(fmap, self.region_proj, self.dropout, self.pool)
+
+
+def grid_features(
+    fmap: Tensor, region_proj: nn.Linear, dropout: nn.Module, pool: AdditiveAttentionPool
+) -> ImageFeatures:
+    """A CNN's final feature map (B, C, h, w) -> ImageFeatures: each cell with its (x, y) appended,
+    projected to D (a 1x1 convolution as a Linear over C + 2 inputs), then attention-pooled."""
+    batch, _, height, width = fmap.shape
+    cells = fmap.flatten(2).transpose(1, 2)  # (B, R, C)
+    coords = grid_coordinates(height, width, fmap.device).to(cells.dtype)  # (R, 2)
+    cells = torch.cat([cells, coords.expand(batch, -1, -1)], dim=-1)  # (B, R, C+2)
+    regions = dropout(F.relu(region_proj(cells)))  # (B, R, D)
+    pooled, attention = pool(regions)  # (B, D), (B, R)
+    return ImageFeatures(regions=regions, pooled=pooled, attention=attention, grid=(height, width))

@@ -3,14 +3,15 @@
 Reimplements the architecture of "Integrating Medical Imaging and Clinical Reports Using Multimodal
 Deep Learning for Advanced Disease Analysis" (arXiv 2405.17459): a residual CNN encodes the image, a
 bidirectional LSTM with attention encodes the clinical note, a fusion layer joins them, and three
-heads are trained jointly - disease classification, lesion localization (one box + objectness) and
-findings generation (an LSTM decoder attending over image regions).
+heads are trained jointly - disease classification, lesion localization (a box and an objectness per
+class) and findings generation (an LSTM decoder attending over image regions).
 
 The model is composed, not configured: `MedFusionModel` takes its parts as modules and plain
 numbers; `build_model(cfg, vocab_size, num_classes)` is the one place that reads a ModelConfig.
 Batches are the dicts of medfusion.data.batches (as tensors):
 
     image (B, 1, S, S)  report_ids (B, Tr)  findings_ids (B, Tf)  labels (B, C)  box (B, 4)  has_box (B,)
+    class_boxes (B, C, 4)  class_has_box (B, C)  findings_present (B,)
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from medfusion.config import ModelConfig
+from medfusion.data.batches import BATCH_KEYS
+from medfusion.models.backbones import build_image_encoder
 from medfusion.models.decoder import FindingsDecoder
 from medfusion.models.fusion import build_fusion
 from medfusion.models.heads import BoxHead, BoxRefiner, ClassificationHead, box_losses, classification_loss, text_loss
-from medfusion.models.image_encoder import ImageEncoder, ImageFeatures
+from medfusion.models.image_encoder import ImageFeatures
 from medfusion.models.text_encoder import PAD_ID, NoteEncoder, NoteFeatures
 
-TENSOR_KEYS = ("image", "report_ids", "findings_ids", "labels", "box", "has_box", "report_present")
+TENSOR_KEYS = BATCH_KEYS  # the model reads every key of a collated batch
 
 
 class MedFusionModel(nn.Module):
@@ -43,11 +46,14 @@ class MedFusionModel(nn.Module):
     modality_dropout: training only, probability of hiding a sample's note.
     loss_weights: weights of the "cls", "box" and "text" losses.
     beam_size, max_decode_len: generation defaults.
+    describes: the decoder is trained and used; False where the dataset has no findings text (no
+        decoder loss, and predictions carry no findings).
+    pos_weight: multi-label BCE weights of each class's positives (class imbalance); None: all 1.
     """
 
     def __init__(
         self,
-        image_encoder: ImageEncoder,
+        image_encoder: nn.Module,
         note_encoder: NoteEncoder | None,
         fusion: nn.Module,
         classifier: ClassificationHead,
@@ -60,6 +66,8 @@ class MedFusionModel(nn.Module):
         loss_weights: Mapping[str, float] | None = None,
         beam_size: int = 1,
         max_decode_len: int = 48,
+        describes: bool = True,
+        pos_weight: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -74,6 +82,9 @@ class MedFusionModel(nn.Module):
         self.loss_weights = {"cls": 1.0, "box": 1.0, "text": 1.0, **(loss_weights or {})}
         self.beam_size = beam_size
         self.max_decode_len = max_decode_len
+        self.describes = describes
+        # Not a buffer: exports and checkpoints keep their keys; the config records the weights.
+        self.pos_weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight else None
         self.config: ModelConfig | None = None  # set by build_model; export needs it
 
     @property
@@ -95,13 +106,14 @@ class MedFusionModel(nn.Module):
         return image_features, note_features, self.fusion(image_features, note_features)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Outputs: logits (B, C), box (B, 4) normalized cxcywh, objectness (B,) logits, region_boxes
-        (B, R, 4) normalized xyxy and box_logits (B, R) (the box head's, for its dense losses),
-        with a refiner coarse_box (B, 4) (the box head's) and refined_boxes (B, steps, 4) (box is the last),
-        image_attention / box_attention (B, h, w), note_attention (B, Tr), fused (B, D), regions (B, R, D),
-        and with `findings_ids` in the batch: decoder_logits (B, Tf-1, V), decoder_attention (B, Tf-1, R)."""
-        # Under DeepSpeed bf16 the weights are bf16 while batches arrive as float32.
-        image = batch["image"].to(self.image_encoder.stem[0].weight.dtype)
+        """Outputs: logits (B, C); per class class_boxes (B, C, 4) normalized cxcywh and class_objectness
+        (B, C) logits; box (B, 4) and objectness (B,) of the most probable class; region_boxes (B, C, R, 4)
+        normalized xyxy and box_logits (B, C, R) (the box head's, for its dense losses); with a refiner
+        coarse_boxes (B, C, 4) (the box head's) and refined_boxes (B, C, steps, 4) (class_boxes is the
+        last step); image_attention / box_attention (B, h, w) (the box's: the most probable class's),
+        note_attention (B, Tr), fused (B, D), regions (B, R, D), and when the model describes and
+        `findings_ids` is in the batch: decoder_logits (B, Tf-1, V), decoder_attention (B, Tf-1, R)."""
+        image = batch["image"].to(self.input_dtype)
         report_ids = batch.get("report_ids")
         if self.training and self.modality_dropout > 0 and report_ids is not None:
             # A new study has no note yet: hide it for some samples so the model learns without it.
@@ -110,42 +122,71 @@ class MedFusionModel(nn.Module):
         image_features, note_features, fused = self.encode(image, report_ids)
         batch_size, (height, width) = image.shape[0], image_features.grid
         box = self.box_head(fused, image_features)
+        logits = self.classifier(fused)
+        class_boxes = box.box
         out = {
-            "logits": self.classifier(fused),
-            "box": box.box,
-            "objectness": box.objectness,
+            "logits": logits,
+            "class_objectness": box.objectness,
             "region_boxes": box.region_boxes,
             "box_logits": box.attention_logits,
             "image_attention": image_features.attention.reshape(batch_size, height, width),
-            "box_attention": box.attention.reshape(batch_size, height, width),
             "fused": fused,
             "regions": image_features.regions,
         }
         if self.box_refiner is not None:
-            out["coarse_box"] = box.box
-            out["refined_boxes"] = self.box_refiner(image, box.box)
-            out["box"] = out["refined_boxes"][:, -1]
+            classes = class_boxes.shape[1]
+            # Every class's box is refined on the same image: (B, C) pairs as one batch.
+            pairs = image.unsqueeze(1).expand(-1, classes, -1, -1, -1).flatten(0, 1)  # (B*C, 1, S, S)
+            refined = self.box_refiner(pairs, class_boxes.flatten(0, 1))  # (B*C, steps, 4)
+            out["coarse_boxes"] = class_boxes
+            out["refined_boxes"] = refined.unflatten(0, (batch_size, classes))
+            class_boxes = out["refined_boxes"][:, :, -1]
+        rows = torch.arange(batch_size, device=logits.device)
+        primary = logits.detach().argmax(dim=-1)  # (B,)
+        out["class_boxes"] = class_boxes
+        out["box"] = class_boxes[rows, primary]
+        out["objectness"] = box.objectness[rows, primary]
+        out["box_attention"] = box.attention[rows, primary].reshape(batch_size, height, width)
         if note_features is not None:
             out["note_attention"] = note_features.weights
         elif report_ids is not None:
             out["note_attention"] = torch.zeros(report_ids.shape, dtype=fused.dtype, device=fused.device)
-        if batch.get("findings_ids") is not None:
+        if self.describes and batch.get("findings_ids") is not None:
             out["decoder_logits"], out["decoder_attention"] = self.decoder(
                 batch["findings_ids"], image_features.regions, fused
             )
         return out
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The weights' dtype (bf16 under DeepSpeed bf16, while batches arrive as float32)."""
+        return next(self.image_encoder.parameters()).dtype
+
     def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted sum of classification, box (L1 + GIoU + objectness + dense terms) and findings losses.
+        """Weighted sum of classification, box (L1 + GIoU + objectness + dense terms, over every
+        (image, class) pair: a class's box is supervised where that finding has one) and findings losses.
 
         Returns the total (with grad) and every part, detached, including "total".
         """
-        parts = {"cls": classification_loss(out["logits"], batch["labels"], self.multi_label)}
-        box_args = (out.get("coarse_box", out["box"]), out["objectness"], batch["box"], batch["has_box"])
-        parts.update(box_losses(*box_args, out.get("region_boxes"), out.get("box_logits"), out.get("refined_boxes")))
+        pos_weight = None if self.pos_weight is None else self.pos_weight.to(out["logits"].device)
+        parts = {"cls": classification_loss(out["logits"], batch["labels"], self.multi_label, pos_weight)}
+        target, has_box = finding_boxes(batch)
+        refined = out.get("refined_boxes")
+        parts.update(
+            box_losses(
+                out.get("coarse_boxes", out["class_boxes"]).flatten(0, 1),
+                out["class_objectness"].flatten(0, 1),
+                target.flatten(0, 1),
+                has_box.flatten(0, 1),
+                out["region_boxes"].flatten(0, 1),
+                out["box_logits"].flatten(0, 1),
+                None if refined is None else refined.flatten(0, 1),
+            )
+        )
         total = self.loss_weights["cls"] * parts["cls"] + self.loss_weights["box"] * parts["box"]
         if "decoder_logits" in out:
-            parts["text"] = text_loss(out["decoder_logits"], batch["findings_ids"], PAD_ID)
+            present = batch.get("findings_present")
+            parts["text"] = text_loss(out["decoder_logits"], batch["findings_ids"], PAD_ID, present)
             total = total + self.loss_weights["text"] * parts["text"]
         parts["total"] = total
         return total, {name: value.detach() for name, value in parts.items()}
@@ -163,12 +204,21 @@ class MedFusionModel(nn.Module):
         Pass `outputs` of a forward pass on the same batch to skip re-encoding it.
         """
         if outputs is None:
-            image = batch["image"].to(self.image_encoder.stem[0].weight.dtype)
+            image = batch["image"].to(self.input_dtype)
             image_features, _, fused = self.encode(image, batch.get("report_ids"))
             regions = image_features.regions
         else:
             regions, fused = outputs["regions"], outputs["fused"]
         return self.decoder.beam_search(regions, fused, beam_size or self.beam_size, max_len or self.max_decode_len)
+
+
+def finding_boxes(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(B, C, 4) normalized xyxy boxes per finding and their (B, C) mask: the batch's own, or for a
+    batch that carries one box per image, that box given to each of the image's labels."""
+    if "class_boxes" in batch and "class_has_box" in batch:
+        return batch["class_boxes"], batch["class_has_box"]
+    has_box = batch["labels"] * batch["has_box"].unsqueeze(1)  # (B, C)
+    return batch["box"].unsqueeze(1) * has_box.unsqueeze(-1), has_box
 
 
 def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -184,8 +234,8 @@ def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> 
 
 def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> MedFusionModel:
     """Assemble a MedFusionModel from a ModelConfig, a vocabulary size and a class count."""
-    if vocab_size < 5:
-        raise ValueError(f"vocab_size must be >= 5 (4 special tokens + words), got {vocab_size}")
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must be >= 4 (the special tokens), got {vocab_size}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     dim = cfg.hidden_dim
@@ -193,13 +243,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> MedFusio
     if cfg.fusion != "image_only":
         note_encoder = NoteEncoder(vocab_size, cfg.embed_dim, cfg.hidden_dim, dim, cfg.dropout)
     model = MedFusionModel(
-        image_encoder=ImageEncoder(
-            cfg.in_channels, list(cfg.cnn_widths), cfg.cnn_blocks, dim, cfg.dropout, stem_stride=cfg.stem_stride
-        ),
+        image_encoder=build_image_encoder(cfg),
         note_encoder=note_encoder,
         fusion=build_fusion(cfg.fusion, dim, rank=cfg.bilinear_rank, heads=cfg.attention_heads, dropout=cfg.dropout),
         classifier=ClassificationHead(dim, num_classes, cfg.dropout),
-        box_head=BoxHead(dim, cfg.dropout),
+        box_head=BoxHead(dim, num_classes, cfg.dropout),
         decoder=FindingsDecoder(vocab_size, cfg.embed_dim, cfg.decoder_dim, dim, cfg.dropout),
         box_refiner=BoxRefiner(cfg.box_refine_steps) if cfg.box_refine_steps else None,
         multi_label=cfg.multi_label,
@@ -207,6 +255,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> MedFusio
         loss_weights={"cls": cfg.loss_cls, "box": cfg.loss_box, "text": cfg.loss_text},
         beam_size=cfg.beam_size,
         max_decode_len=cfg.max_decode_len,
+        describes=cfg.describes,
+        pos_weight=list(cfg.pos_weight) or None,
     )
     model.config = cfg
     return model

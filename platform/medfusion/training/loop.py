@@ -244,7 +244,7 @@ def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: Objec
     import ray.train
 
     from medfusion.metrics import classification_metrics, corpus_bleu, objective_value
-    from medfusion.models import cxcywh_to_xyxy, paired_iou, to_tensors
+    from medfusion.models import cxcywh_to_xyxy, finding_boxes, paired_iou, to_tensors
 
     engine.train(False)
     _, world = _world()
@@ -268,19 +268,22 @@ def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: Objec
             correct = out["logits"].argmax(dim=1) == tensors["labels"].argmax(dim=1)
             probs.append(torch.softmax(out["logits"], dim=1).cpu().numpy())
         labels.append(tensors["labels"].cpu().numpy())
-        has_box = tensors["has_box"] > 0.5
-        # Boxes clamped to the image as the predictor does, so val IoU matches evaluation's.
-        pred_box = cxcywh_to_xyxy(out["box"][has_box]).clamp(0.0, 1.0)
-        iou = paired_iou(pred_box, tensors["box"][has_box].float())[0] if has_box.any() else torch.zeros(0)
+        # Each finding's own box against the box the model gives that class (clamped to the image as
+        # the predictor does, so val IoU matches evaluation's per-class IoU).
+        target, has_box = finding_boxes(tensors)
+        has_box = has_box > 0.5
+        pred_box = cxcywh_to_xyxy(out["class_boxes"][has_box]).clamp(0.0, 1.0)
+        iou = paired_iou(pred_box, target[has_box].float())[0] if has_box.any() else torch.zeros(0)
         sums[len(names) :] += [size, float(correct.sum()), float(iou.sum()), float(has_box.sum())]
-        ids = engine.module.decoder.greedy(
-            out["regions"].to(decoder_dtype),
-            out["fused"].to(decoder_dtype),
-            cfg.model.max_decode_len,
-            early_exit=early_exit,
-        )  # (B, max_len)
-        generated += [tokenizer.decode(row) for row in ids.cpu().numpy()]
-        references += [str(text) for text in batch["findings"]]
+        if engine.module.describes:
+            ids = engine.module.decoder.greedy(
+                out["regions"].to(decoder_dtype),
+                out["fused"].to(decoder_dtype),
+                cfg.model.max_decode_len,
+                early_exit=early_exit,
+            )  # (B, max_len)
+            generated += [tokenizer.decode(row) for row in ids.cpu().numpy()]
+            references += [str(text) for text in batch["findings"]]
     totals = _all_reduce_sum(sums.tolist(), engine.device)
     n, correct, iou_sum, boxes = totals[len(names) :]
     metrics = {
@@ -296,7 +299,13 @@ def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: Objec
         metrics["val_auroc_macro"] = scores["auroc_macro"]
     else:
         metrics["val_auroc_macro"] = float("nan")
-    metrics["val_bleu4"] = corpus_bleu([t for rank in ranks for t in rank[2]], [t for rank in ranks for t in rank[3]])
+    references = [t for rank in ranks for t in rank[3]]
+    # No findings to compare with (a dataset without them): undefined, not 0.
+    metrics["val_bleu4"] = (
+        corpus_bleu([t for rank in ranks for t in rank[2]], references)
+        if any(t.strip() for t in references)
+        else float("nan")
+    )
     metrics["val_objective"] = objective_value(
         metrics, objective.weights, objective.classification_metric, prefix="val_"
     )
@@ -360,6 +369,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from medfusion.data.dataset import open_dataset
     from medfusion.models import build_model
+    from medfusion.models.backbones import load_image_weights
 
     job = TrainJob.from_dict(config)
     cfg = load_config(TrainConfig, base=job.train)
@@ -372,6 +382,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     info = open_dataset(cfg.dataset_uri)
     model = build_model(cfg.model, len(info.tokenizer), len(info.classes))
+    if cfg.model.image_init_uri:  # the user's image weights; a resumed run's checkpoint replaces them
+        load_image_weights(model.image_encoder, cfg.model.image_init_uri)
     engine = build_engine(model, cfg, total_steps=job.steps_per_epoch * cfg.epochs)
     bench = job.bench
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medfusion import storage
-from medfusion.config import ConfigError, TrainConfig
+from medfusion.config import MAX_POS_WEIGHT, ConfigError, TrainConfig
 from medfusion.loader import dump_yaml, to_dict
 from medfusion.training.rundir import (
     CONFIG_FILE,
@@ -52,7 +52,8 @@ def plan_run(cfg: TrainConfig) -> tuple[TrainConfig, RunPlan]:
     """Check everything the config points at and complete it from the dataset.
 
     Returns:
-        The config with model.multi_label from the dataset's manifest, and the run's plan.
+        The config with model.multi_label and model.describes (findings text to learn from) from the
+        dataset's manifest, and the run's plan.
 
     Raises:
         ConfigError: naming the field whose dataset or sizes do not work.
@@ -66,15 +67,17 @@ def plan_run(cfg: TrainConfig) -> tuple[TrainConfig, RunPlan]:
         info = open_dataset(cfg.dataset_uri)
     except (DatasetError, OSError) as err:
         raise ConfigError(f"dataset_uri: {err}") from None
-    if len(info.tokenizer) <= len(SPECIALS):
-        # The note encoder and the description decoder are built over the training split's words; with
-        # none, every worker would fail building the model, after Ray and its retries.
+    train = info.manifest["splits"].get("train", {})
+    no_words = len(info.tokenizer) <= len(SPECIALS)
+    notes, findings = train.get("with_report"), train.get("with_findings")
+    if notes is None:  # a manifest from before the text counts: words or not is all it tells
+        notes = findings = 0 if no_words else None
+    if notes == 0 and cfg.model.fusion != "image_only":
         raise ConfigError(
-            f"dataset_uri: {cfg.dataset_uri} has no text: its training split's report and findings columns "
-            f"gave no words (the tokenizer holds only its {len(SPECIALS)} special tokens), and the model's "
-            "note encoder and description decoder need a vocabulary, whatever model.fusion is; ingest a "
-            "source with reports or findings (datasets of images and labels alone are not supported yet)"
+            f"model.fusion: {cfg.model.fusion!r} reads the clinical note, but the training split of "
+            f"{cfg.dataset_uri} has no notes (its report column is empty in every row); set model.fusion=image_only"
         )
+    describes = findings != 0
     for split in ("train", "val"):
         rows = info.rows(split) if split in info.manifest["splits"] else 0
         if rows < cfg.num_workers:
@@ -93,8 +96,22 @@ def plan_run(cfg: TrainConfig) -> tuple[TrainConfig, RunPlan]:
             f"grad_accum: {cfg.grad_accum} micro-batches of {cfg.data.batch_size} per optimizer step, but each of the "
             f"{cfg.num_workers} workers gets only {rows_per_worker} training rows per epoch"
         )
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, multi_label=info.multi_label))
+    pos_weight = class_pos_weight(info) if cfg.model.balance_classes and info.multi_label else []
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, multi_label=info.multi_label, describes=describes, pos_weight=pos_weight),
+    )
     return cfg, RunPlan(info=info, steps_per_epoch=steps, micro_batches_per_epoch=steps * cfg.grad_accum)
+
+
+def class_pos_weight(info: DatasetInfo) -> list[float]:
+    """Per class, the training split's negatives over positives (BCE pos_weight), within [1, MAX_POS_WEIGHT]."""
+    train = info.manifest["splits"]["train"]
+    rows, counts = train["rows"], train.get("class_counts", {})
+    return [
+        min(MAX_POS_WEIGHT, max(1.0, (rows - counts.get(name, 0)) / max(counts.get(name, 0), 1)))
+        for name in info.classes
+    ]
 
 
 def train_here(
