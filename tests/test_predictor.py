@@ -220,7 +220,6 @@ def test_prediction_fields_in_input_pixels(setup):
         x0, y0, x1, y1 = item["box"]["xyxy"]
         assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
         assert item["box"]["xyxy"][2] == pytest.approx(item["box"]["normalized_xyxy"][2] * width)
-        assert 0.0 <= item["box"]["score"] <= 1.0
         assert isinstance(item["findings"], str)
         assert np.asarray(item["image_attention"]).shape == (8, 8)
         assert item["image_size"] == {"width": width, "height": height}
@@ -239,8 +238,11 @@ def test_ray_data_call_on_raw_rows(setup):
     assert "image" not in out and list(out["sample_id"]) == [s.sample_id for s in samples]
     assert out["probs"].shape == (5, len(setup["classes"])) and out["pred_box_pixels"].shape == (5, 4)
     np.testing.assert_allclose(out["pred_box_pixels"], out["pred_box"] * 64, rtol=1e-6)
-    # same answers as predict_batch on the collated batch
+    # same answers as predict_batch on the collated batch, and as predict (the online path) item by item
     np.testing.assert_allclose(out["probs"], predictor.predict_batch(_collated(setup, samples))["probs"], atol=1e-6)
+    online = predictor.predict([{"image": s.image, "report": s.report} for s in samples])
+    np.testing.assert_allclose([item["box"]["score"] for item in online], out["objectness"], atol=1e-6)
+    np.testing.assert_allclose([item["top_probability"] for item in online], out["probs"].max(1), atol=1e-6)
     rows["image"][3] = b"junk"
     with pytest.raises(PredictError, match=f"item 3: .*sample_id {samples[3].sample_id}"):
         predictor(rows)
@@ -253,7 +255,8 @@ def test_evaluate_is_a_short_composition(setup):
     batches = [_collated(setup, setup["samples"][i : i + 8]) for i in range(0, 24, 8)]
     predictions = concat_batches(predictor.predict_batch(b) for b in batches)
     metrics = metrics_from_predictions(predictions, parse=synth.parse_findings)
-    assert metrics["num_samples"] == 24.0 and 0.0 <= metrics["accuracy"] <= 1.0
+    hits = predictions["probs"].argmax(1) == np.array([s.labels[0] for s in setup["samples"]])
+    assert metrics["num_samples"] == 24.0 and metrics["accuracy"] == pytest.approx(hits.mean())
     assert {"mean_iou", "bleu4", "rouge_l", "clinical_f1", "confusion_matrix"} <= set(metrics)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -89,7 +90,7 @@ def test_missing_dataset_fails_before_any_worker_starts(tmp_path, monkeypatch):
         run_train(_config("", str(tmp_path / "runs"), "r"))
 
 
-def test_a_dataset_without_text_fails_before_any_worker_starts(tmp_path, monkeypatch):
+def test_a_note_reading_fusion_on_a_dataset_without_notes_fails_before_any_worker_starts(tmp_path, monkeypatch):
     import csv
 
     import numpy as np
@@ -102,14 +103,18 @@ def test_a_dataset_without_text_fails_before_any_worker_starts(tmp_path, monkeyp
     rows = []
     for i in range(12):
         Image.fromarray(np.full((32, 32), 20 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append((f"{i}.png", "effusion" if i % 2 else "mass", f"patient-{i}"))
+        rows.append((f"{i}.png", "effusion" if i % 2 else "mass", f"patient-{i}", "val" if i % 4 == 0 else "train"))
     with (tmp_path / "labels-only.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("image", "labels", "patient_id"), *rows])
+        csv.writer(f).writerows([("image", "labels", "patient_id", "split"), *rows])
     data = tmp_path / "data"
     run_prepare(PrepareConfig(source="manifest", source_uri=str(tmp_path / "labels-only.csv"), output_uri=str(data)))
     with pytest.raises(ConfigError) as err:
-        run_train(_config(str(data), str(tmp_path / "runs"), "r", "model.fusion=image_only"))
-    assert f"dataset_uri: {data} has no text" in str(err.value) and "only its 4 special tokens" in str(err.value)
+        run_train(_config(str(data), str(tmp_path / "runs"), "r", "model.fusion=gated"))
+    assert str(err.value).startswith("model.fusion: 'gated' reads the clinical note") and str(data) in str(err.value)
+    assert "has no notes" in str(err.value) and "set model.fusion=image_only" in str(err.value)
+    # image_only on the same dataset passes the plan (and trains: tests/data/test_real_images.py)
+    cfg, _ = run.plan_run(_config(str(data), str(tmp_path / "runs"), "r", "model.fusion=image_only"))
+    assert cfg.model.describes is False and cfg.model.multi_label is False
 
 
 def test_preset_fills_model_and_data_and_overrides_win():
@@ -256,10 +261,11 @@ def test_two_worker_deepspeed_run_on_s3(s3_run, dataset):
 
     predictor = Predictor.from_export(result.model_uri)
     from medfusion.data.dataset import iter_local_batches, open_dataset
+    from medfusion.predictor import concat_batches
 
     info = open_dataset(dataset)
-    batch = next(iter_local_batches(info, "test", cfg.data, limit=4))
-    assert predictor.predict_batch(batch)["probs"].shape == (4, len(info.classes))
+    test = concat_batches(predictor.predict_batch(batch) for batch in iter_local_batches(info, "test", cfg.data))
+    assert test["probs"].shape == (info.rows("test"), len(info.classes))
 
     lineage = predictor.export.lineage
     assert lineage["dataset_version"] == info.version and lineage["dataset_uri"] == dataset
@@ -269,7 +275,10 @@ def test_two_worker_deepspeed_run_on_s3(s3_run, dataset):
 
     metrics = json.loads(storage.read_text(result.metrics_uri))
     assert len(metrics["history"]) == 2 and metrics["best_epoch"] == result.best_epoch
-    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and "mean_iou" in metrics["test"]
+    # the recorded test accuracy is the exported model's on the whole test split
+    accuracy = np.mean(test["probs"].argmax(1) == test["labels"].argmax(1))
+    assert metrics["test"]["accuracy"] == result.test_metrics["accuracy"] == pytest.approx(accuracy)
+    assert "mean_iou" in metrics["test"]
     assert storage.read_bytes(result.curves_uri)[:8] == b"\x89PNG\r\n\x1a\n"
     assert storage.exists(storage.join(result.evaluate_uri, "report.html"))
     assert yaml.safe_load(storage.read_text(storage.join(result.run_uri, "config.yaml")))["name"] == "undisturbed"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from bench_invariants import check_counts, check_ratios
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,7 @@ def test_bench_ingest_prints_its_json(s3_prefix):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["bench"] == "ingest" and result["config"]["samples"] == 64
+    figures = result["figures"]
     for name in (
         "ray_data_samples_per_s",
         "dataloader_samples_per_s",
@@ -43,6 +45,14 @@ def test_bench_ingest_prints_its_json(s3_prefix):
         "ray_data_peak_rss_n",
         "ray_data_peak_rss_4n",
     ):
-        assert result["figures"][name]["value"] > 0, name
-    assert set(result["ratios"]) == {"ray_data_vs_dataloader", "ray_data_vs_decode_ceiling", "rss_4n_vs_n"}
+        assert figures[name]["value"] > 0, name
+    assert result["ratio_of"] == {
+        "ray_data_vs_dataloader": ["ray_data_samples_per_s", "dataloader_samples_per_s"],
+        "ray_data_vs_decode_ceiling": ["ray_data_samples_per_s", "decode_ceiling_samples_per_s"],
+        "rss_4n_vs_n": ["ray_data_peak_rss_4n", "ray_data_peak_rss_n"],
+    }
+    check_ratios(result)
+    # every pipeline read all 64 samples (the decode ceiling reads at most 1000), the 4N run 256
+    check_counts(figures, ["ray_data_samples", "dataloader_samples", "decode_ceiling_samples"], 64)
+    check_counts(figures, ["ray_data_4n_samples"], 4 * 64)
     assert "(b) DataLoader" in out.stdout  # the human-readable table precedes the JSON

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from bench_invariants import check_counts, check_ratios
 
 from medfusion.bench.serve import LoadResult, encode_multipart, run_load
 from medfusion.config import ServeLimitsConfig
@@ -99,7 +100,7 @@ def _png() -> bytes:
 @pytest.mark.slow  # ~50 s of Ray, Serve and uvicorn start-up on 2 cores: `make test-slow`
 def test_bench_prints_its_json_last(tmp_path):
     code = (
-        "import json; from medfusion.bench.serve import run_serve_bench; from medfusion.config import ServeBenchConfig;"
+        "import json; from medfusion.bench.serve import ServeBenchConfig, run_serve_bench;"
         "print(json.dumps(run_serve_bench(ServeBenchConfig(requests=16, max_seconds=10, concurrency=[1, 4],"
         " warmup_requests=4, image_size=64, max_batch_size=4))))"
     )
@@ -107,18 +108,20 @@ def test_bench_prints_its_json_last(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["bench"] == "serve" and result["config"]["concurrency"] == [1, 4]
-    for system in ("serve", "serve_combined"):
+    figures, served = result["figures"], ("serve", "serve_combined")
+    for system in served:
         for name in ("c4_rps", "c1_p50_ms", "c1_p50_minus_forward_ms"):
-            assert result["figures"][f"{system}_{name}"]["unit"]
-        assert result["figures"][f"{system}_c4_errors"]["value"] == 0
-        assert {f"{system}_vs_plain_c1", f"{system}_vs_plain_c4", f"{system}_vs_offline_c4"} <= set(result["ratios"])
-    assert result["figures"]["plain_c4_errors"]["value"] == 0 and result["figures"]["offline_items_per_s"]["unit"]
-    assert (
-        result["figures"]["serve_floor_c4_errors"]["value"] == 0
-        and result["figures"]["serve_floor_c4_rps"]["value"] > 0
-    )
+            assert figures[f"{system}_{name}"]["unit"]
+        assert figures[f"{system}_c4_errors"]["value"] == 0
+    assert figures["plain_c4_errors"]["value"] == 0 and figures["serve_floor_c4_errors"]["value"] == 0
+    ratio_of = {f"{s}_vs_plain_c{c}": [f"{s}_c{c}_rps", f"plain_c{c}_rps"] for s in served for c in (1, 4)}
+    ratio_of |= {f"{s}_vs_offline_c4": [f"{s}_c4_rps", "offline_items_per_s"] for s in (*served, "serve_floor")}
+    assert result["ratio_of"] == ratio_of
+    check_ratios(result)
+    for c in (1, 4):  # every system answered all 16 requests of each level (none cut by max_seconds)
+        check_counts(figures, [f"{s}_c{c}_requests" for s in ("plain", *served, "serve_floor")], 16)
     cpu = {
-        name: result["figures"].get(f"{name}_c4_cpu_ms_{role}", {}).get("value", 0)
+        name: figures.get(f"{name}_c4_cpu_ms_{role}", {}).get("value", 0)
         for name, role in (
             ("serve", "proxy"),
             ("serve", "ingress"),
@@ -128,4 +131,3 @@ def test_bench_prints_its_json_last(tmp_path):
         )
     }
     assert all(ms > 0 for ms in cpu.values()), cpu  # where each system's CPU went, per request
-    assert len(result["ratios"]) == 7 and result["ratios"]["serve_floor_vs_offline_c4"] > 0

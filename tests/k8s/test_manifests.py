@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -435,11 +434,11 @@ def test_rayservice_embeds_the_serve_config_of_serve():
     )
 
 
-def test_serve_import_path_resolves_to_a_callable():
-    module, _, attr = "medfusion.serve.app:build_app".partition(":")
-    if importlib.util.find_spec(module) is None:
-        pytest.xfail(f"{module} does not exist yet (the serve issue writes it)")
-    assert callable(getattr(importlib.import_module(module), attr))
+@pytest.mark.parametrize("name,document", _serve_documents(), ids=[n for n, _ in _serve_documents()])
+def test_serve_import_path_resolves_to_a_callable(name, document):
+    for app in document["applications"]:
+        module, _, attr = app["import_path"].partition(":")
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"{name}: {app['import_path']}"
 
 
 def test_rayjob_entrypoint_is_a_real_train_command():

@@ -1,6 +1,6 @@
 """The whole pipeline with kfp.local (SubprocessRunner, embedded Ray, the local S3 store) on `tiny`
-data: it deploys and smoke-tests the model when the quality gate passes, and stops before deploy when
-the threshold is above the metric the model reached."""
+data, under one quality gate (pipeline_gates.GATES): it deploys and smoke-tests the model its train
+step fits, and stops before deploy when its models learned nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_gates import GATES
 
 from medfusion import registry, storage
 from medfusion.orchestration.pipeline import PipelineConfig
@@ -19,15 +20,17 @@ from medfusion.pipelines.run import run_pipeline_local
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-# Small enough for 2 loaded cores: 160 images, one epoch of 3 steps on one worker, 32 test images.
-PREPARE = {"synth": {"num_samples": 160}}
+# Small enough for 2 loaded cores, and a model that learns: 2400 images (about 1900 in train), one
+# epoch of 60 steps on one worker (about 45 s), 32 test images.
+PREPARE = {"synth": {"num_samples": 2400}}
 TRAIN = {
     "epochs": 1,
     "num_workers": 1,
     "strategy": "ddp",
-    "max_steps_per_epoch": 3,
+    "lr": 3e-3,
+    "warmup_steps": 2,
     "evaluate": False,
-    "data": {"batch_size": 16},
+    "data": {"batch_size": 32},
 }
 EVALUATE = {"limit": 32}
 
@@ -58,7 +61,7 @@ def passing_run(kfp_local, s3_store):
         prepare_config=PREPARE,
         train_config=TRAIN,
         evaluate_config=EVALUATE,
-        gates={"accuracy": 0.0},
+        gates=dict(GATES),
     )
     outputs, run_dir = _run(cfg, kfp_local)
     return cfg, outputs, run_dir
@@ -70,16 +73,20 @@ def _executor_output(run_dir: Path, task: str) -> dict:
 
 def test_pipeline_runs_end_to_end_and_deploys_when_the_gate_passes(passing_run):
     cfg, outputs, run_dir = passing_run
-    assert outputs["deployable"] is True
-    assert 0.0 <= outputs["metrics"]["accuracy"] <= 1.0 and "mean_iou" in outputs["metrics"]
+    accuracy = outputs["metrics"]["accuracy"]
+    assert outputs["deployable"] is True and accuracy >= GATES["accuracy"] and "mean_iou" in outputs["metrics"]
+    assert (run_dir / "quality-gate" / "decision").read_text().startswith("**Deploy**")
 
-    # evaluate's artifacts: the confusion matrix over the dataset's classes, and the HTML report
+    # evaluate's artifacts: the confusion matrix over the dataset's classes (its diagonal is the gated
+    # accuracy), and the HTML report
     evaluate = _executor_output(run_dir, "evaluate")["artifacts"]
     (classification,) = evaluate["classification"]["artifacts"]
     matrix = classification["metadata"]["confusionMatrix"]
     assert len(matrix["rows"]) == len(matrix["annotationSpecs"]) >= 2
     test_rows = json.loads((run_dir / "prepare-data" / "dataset").read_text())["rows"]["test"]
-    assert sum(sum(row["row"]) for row in matrix["rows"]) == min(test_rows, EVALUATE["limit"])
+    evaluated = sum(sum(row["row"]) for row in matrix["rows"])
+    assert evaluated == min(test_rows, EVALUATE["limit"])
+    assert sum(row["row"][i] for i, row in enumerate(matrix["rows"])) / evaluated == pytest.approx(accuracy)
     assert "<html" in (run_dir / "evaluate" / "report").read_text().lower()
 
     # deploy registered the export as the model's latest version, its Serve config beside it
@@ -96,29 +103,30 @@ def test_pipeline_runs_end_to_end_and_deploys_when_the_gate_passes(passing_run):
     assert not [k for k in prediction if k.endswith("_attention")]  # the step's printed output stays short
 
 
-def test_gate_blocks_deploy_when_the_threshold_is_above_the_reached_metric(passing_run, kfp_local):
+def test_gate_blocks_deploy_of_models_that_learned_nothing(passing_run, kfp_local):
     cfg, outputs, _ = passing_run
     # This run takes the pipeline's other branch, a Ray Tune sweep of two fusions (FIFO, no
-    # ablation), and a threshold above any reachable accuracy, so the gate must block.
+    # ablation), whose trials take one optimizer step (in warmup) each: its best model learned
+    # nothing, and the gate that passed the trained model must block it.
     blocked = dataclasses.replace(
         cfg,
-        gates={"accuracy": 1.01},
         registry_uri=f"{cfg.registry_uri}-blocked",
         use_tune=True,
         search_space={"model.fusion": ["concat", "image_only"]},
         tune_config={
-            "train": {k: v for k, v in TRAIN.items() if k != "data"},
+            "train": {"strategy": "ddp", "max_steps_per_epoch": 1, "warmup_steps": 20, "evaluate": False},
             "data": TRAIN["data"],
             "search": "grid",
             "scheduler": "fifo",
             "seeds": 0,
         },
     )
+    assert blocked.gates == GATES
     blocked_outputs, run_dir = _run(blocked, kfp_local)
     assert (run_dir / "tune").exists() and not (run_dir / "train").exists()
     leaderboard = (run_dir / "tune" / "leaderboard").read_text()
     assert "2 trials" in leaderboard and "concat" in leaderboard and "image_only" in leaderboard, leaderboard
-    assert blocked_outputs["metrics"]["accuracy"] < 1.01
+    assert blocked_outputs["metrics"]["accuracy"] < GATES["accuracy"] <= outputs["metrics"]["accuracy"]
     assert blocked_outputs["deployable"] is False
     assert not (run_dir / "deploy").exists() and not (run_dir / "smoke-test").exists()
     assert storage.list_files(blocked.registry_uri) == []

@@ -7,6 +7,7 @@ import base64
 import json
 
 import pytest
+from pipeline_gates import GATES, MEASURED, untrained_metrics
 
 from medfusion.config import ConfigError, PrepareConfig, TrainConfig
 from medfusion.orchestration import artifacts, deploy, gate, stages
@@ -64,6 +65,16 @@ def test_quality_gate(metrics, gates, passed):
     result = gate.quality_gate(metrics, gates)
     assert result.passed is passed
     assert result.summary().startswith("PASS" if passed else "BLOCKED")
+
+
+@pytest.mark.parametrize("zeroed", [False, True], ids=["initial-weights", "zeroed-weights"])
+def test_the_pipeline_tests_gate_blocks_a_model_that_learned_nothing(zeroed):
+    metrics = untrained_metrics(zeroed=zeroed)
+    assert metrics["accuracy"] <= 0.25, metrics["accuracy"]  # chance is 1/7: a guess of one class, mostly
+    result = gate.quality_gate(metrics, GATES)
+    assert not result.passed, result.summary()
+    # ... while every measured run of the fit those tests deploy passes their gate
+    assert MEASURED and all(gate.quality_gate({"accuracy": a}, GATES).passed for a in MEASURED.values())
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from medfusion import storage
+from medfusion.bench.record import ratio_terms, ratios_of
 from medfusion.config import DataConfig, PrepareConfig, SplitConfig, SynthConfig, check
 
 
@@ -242,12 +243,18 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
         "dataloader_first_batch_s": {"value": round(loader["first_batch_s"], 3), "unit": "s"},
         "ray_data_peak_rss_n": {"value": round(ray_data["peak_rss"] / mib, 1), "unit": "MiB"},
         "ray_data_peak_rss_4n": {"value": round(ray_data_4n["peak_rss"] / mib, 1), "unit": "MiB"},
+        # What each pipeline read: (a) and (b) the same N samples, (c) at most 1000 of them.
+        "ray_data_samples": {"value": ray_data["samples"], "unit": "samples"},
+        "ray_data_4n_samples": {"value": ray_data_4n["samples"], "unit": "samples"},
+        "dataloader_samples": {"value": loader["samples"], "unit": "samples"},
+        "decode_ceiling_samples": {"value": ceiling_one_core["samples"], "unit": "samples"},
     }
-    ratios = {
-        "ray_data_vs_dataloader": round(a / b, 3),
-        "ray_data_vs_decode_ceiling": round(a / c, 3),
-        "rss_4n_vs_n": round(ray_data_4n["peak_rss"] / max(ray_data["peak_rss"], 1), 3),
+    terms = {
+        "ray_data_vs_dataloader": ("ray_data_samples_per_s", "dataloader_samples_per_s"),
+        "ray_data_vs_decode_ceiling": ("ray_data_samples_per_s", "decode_ceiling_samples_per_s"),
+        "rss_4n_vs_n": ("ray_data_peak_rss_4n", "ray_data_peak_rss_n"),
     }
+    ratios = ratios_of(figures, terms)
     print(f"{'pipeline':<28}{'samples/s':>12}{'first batch s':>15}{'peak RSS MiB':>14}")
     print(f"{'(a) Ray Data':<28}{a:>12.1f}{ray_data['first_batch_s']:>15.3f}{ray_data['peak_rss'] / mib:>14.1f}")
     print(
@@ -259,4 +266,10 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     if started_store is not None:
         started_store.down()
-    return {"bench": "ingest", "config": {**asdict(cfg), "cores": cores}, "figures": figures, "ratios": ratios}
+    return {
+        "bench": "ingest",
+        "config": {**asdict(cfg), "cores": cores},
+        "figures": figures,
+        "ratios": ratios,
+        "ratio_of": ratio_terms(terms),
+    }

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from medfusion.bench.record import ratio_terms, ratios_of
 from medfusion.config import PRESETS, ServeConfig, check
 from medfusion.loader import load_config
 
@@ -468,6 +469,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
             latencies = "".join(f"{s[f'{q}_ms']:>10.1f}" for q in ("p50", "p95", "p99"))
             print(f"{name:<16}{c:>6}{s['rps']:>10.1f}{latencies}{s['errors']:>8}")
             figures[f"{name}_c{c}_rps"] = {"value": round(s["rps"], 1), "unit": "req/s"}
+            figures[f"{name}_c{c}_requests"] = {"value": s["requests"], "unit": "requests"}
             for q in ("p50", "p95", "p99"):
                 figures[f"{name}_c{c}_{q}_ms"] = {"value": round(s[f"{q}_ms"], 2), "unit": "ms"}
             figures[f"{name}_c{c}_errors"] = {"value": s["errors"], "unit": "requests"}
@@ -480,22 +482,26 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         for role, ms in cpu_ms.items():
             figures[f"{name}_c{top}_cpu_ms_{role}"] = {"value": round(ms, 3), "unit": "CPU ms/request"}
     print(f"offline ceiling {offline['items_per_s']:.1f} items/s; one item {offline['single_ms']:.2f} ms")
-    plain = systems["plain"]
-    ratios: dict[str, float] = {}
+    terms: dict[str, tuple[str, str]] = {}
     for name in (SYSTEM_NAMES[layout] for layout in cfg.layouts):
-        served = systems[name]
         for c in cfg.concurrency:
-            ratios[f"{name}_vs_plain_c{c}"] = round(served[c]["rps"] / max(plain[c]["rps"], 1e-9), 3)
-        ratios[f"{name}_vs_offline_c{top}"] = round(served[top]["rps"] / max(offline["items_per_s"], 1e-9), 3)
+            terms[f"{name}_vs_plain_c{c}"] = (f"{name}_c{c}_rps", f"plain_c{c}_rps")
+        terms[f"{name}_vs_offline_c{top}"] = (f"{name}_c{top}_rps", "offline_items_per_s")
         figures[f"{name}_c{low}_p50_minus_forward_ms"] = {
-            "value": round(served[low]["p50_ms"] - offline["single_ms"], 2),
+            "value": round(systems[name][low]["p50_ms"] - offline["single_ms"], 2),
             "unit": "ms",
         }
     if cfg.http_floor:
-        floor = systems["serve_floor"][top]["rps"]
-        ratios[f"serve_floor_vs_offline_c{top}"] = round(floor / max(offline["items_per_s"], 1e-9), 3)
+        terms[f"serve_floor_vs_offline_c{top}"] = (f"serve_floor_c{top}_rps", "offline_items_per_s")
+    ratios = ratios_of(figures, terms)
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
-    return {"bench": "serve", "config": {**asdict(cfg), "cores": os.cpu_count()}, "figures": figures, "ratios": ratios}
+    return {
+        "bench": "serve",
+        "config": {**asdict(cfg), "cores": os.cpu_count()},
+        "figures": figures,
+        "ratios": ratios,
+        "ratio_of": ratio_terms(terms),
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m medfusion.bench.serve` before the CLI has the command

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from medfusion.bench.record import ratio_terms, ratios_of
 from medfusion.config import (
     PRESETS,
     DataConfig,
@@ -231,6 +232,7 @@ def _row(name: str, stats: dict[str, float]) -> dict[str, float]:
     seconds = max(stats["seconds"], 1e-9)
     return {
         "name": name,
+        "samples": stats["samples"],
         "samples_per_s": stats["samples"] / seconds,
         "step_time_ms": 1000 * seconds / max(stats["steps"], 1),
         "data_wait_share": stats["data_wait_s"] / seconds,
@@ -349,13 +351,14 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
             f"{100 * r['data_wait_share']:>10.1f}%{r['peak_memory_mib']:>15.1f}"
         )
 
-    a = stages[0]
     figures: dict[str, dict[str, Any]] = {
         "plain_torch_samples_per_s": {"value": round(baseline["samples_per_s"], 2), "unit": "samples/s"},
+        "plain_torch_samples": {"value": baseline["samples"], "unit": "samples"},
         "plain_torch_peak_memory": {"value": round(baseline["peak_memory_mib"], 1), "unit": memory_unit},
         "plain_torch_step_time": {"value": round(baseline["step_time_ms"], 2), "unit": "ms"},
         "plain_torch_data_wait_share": {"value": round(baseline["data_wait_share"], 4), "unit": "fraction"},
         "plain_torch_in_memory_samples_per_s": {"value": round(ceiling["samples_per_s"], 2), "unit": "samples/s"},
+        "plain_torch_in_memory_samples": {"value": ceiling["samples"], "unit": "samples"},
         "plain_torch_in_memory_peak_memory": {"value": round(ceiling["peak_memory_mib"], 1), "unit": memory_unit},
         "plain_torch_in_memory_step_time": {"value": round(ceiling["step_time_ms"], 2), "unit": "ms"},
     }
@@ -364,6 +367,7 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
             "value": round(row["samples_per_s"], 2),
             "unit": "samples/s",
         }
+        figures[f"ray_deepspeed_zero{stage}_1w_samples"] = {"value": row["samples"], "unit": "samples"}
         figures[f"ray_deepspeed_zero{stage}_1w_step_time"] = {"value": round(row["step_time_ms"], 2), "unit": "ms"}
         figures[f"ray_deepspeed_zero{stage}_1w_peak_memory"] = {
             "value": round(row["peak_memory_mib"], 1),
@@ -373,15 +377,17 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
             "value": round(row["data_wait_share"], 4),
             "unit": "fraction",
         }
-    ratios = {
-        "ray_deepspeed_1w_vs_plain_torch": round(a["samples_per_s"] / max(baseline["samples_per_s"], 1e-9), 3),
-        "ray_deepspeed_1w_vs_plain_torch_in_memory": round(a["samples_per_s"] / max(ceiling["samples_per_s"], 1e-9), 3),
+    one_worker = f"ray_deepspeed_zero{cfg.zero_stages[0]}_1w_samples_per_s"
+    terms = {
+        "ray_deepspeed_1w_vs_plain_torch": (one_worker, "plain_torch_samples_per_s"),
+        "ray_deepspeed_1w_vs_plain_torch_in_memory": (one_worker, "plain_torch_in_memory_samples_per_s"),
     }
     if two is not None:
         figures[f"ray_deepspeed_{cfg.workers}w_samples_per_s"] = {
             "value": round(two["samples_per_s"], 2),
             "unit": "samples/s",
         }
+        figures[f"ray_deepspeed_{cfg.workers}w_samples"] = {"value": two["samples"], "unit": "samples"}
         figures[f"ray_deepspeed_{cfg.workers}w_step_time"] = {"value": round(two["step_time_ms"], 2), "unit": "ms"}
         figures[f"ray_deepspeed_{cfg.workers}w_peak_memory"] = {
             "value": round(two["peak_memory_mib"], 1),
@@ -391,9 +397,10 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
             "value": round(two["data_wait_share"], 4),
             "unit": "fraction",
         }
-        ratios[f"ray_deepspeed_{cfg.workers}w_vs_1w"] = round(two["samples_per_s"] / max(a["samples_per_s"], 1e-9), 3)
+        terms[f"ray_deepspeed_{cfg.workers}w_vs_1w"] = (f"ray_deepspeed_{cfg.workers}w_samples_per_s", one_worker)
     elif cfg.workers >= 2:
         print(f"(c) skipped: {cfg.workers} workers need {cfg.workers} GPUs, {gpus} visible")
+    ratios = ratios_of(figures, terms)
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     config = {
         **asdict(cfg),
@@ -405,4 +412,4 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         "cores": os.cpu_count(),
         "gpus": gpus,
     }
-    return {"bench": "train", "config": config, "figures": figures, "ratios": ratios}
+    return {"bench": "train", "config": config, "figures": figures, "ratios": ratios, "ratio_of": ratio_terms(terms)}

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from medfusion.bench.record import ratio_terms, ratios_of
 from medfusion.config import check
 
 
@@ -117,7 +118,7 @@ def measure_overhead(trials: int, trial_seconds: float, iterations: int, concurr
 
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(concurrency) as pool:
-        pool.map(_sleep_work, [(trial_seconds, iterations)] * trials, chunksize=1)
+        pooled = pool.map(_sleep_work, [(trial_seconds, iterations)] * trials, chunksize=1)
     pool_s = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory(prefix="medfusion-bench-tune-") as storage:
@@ -140,6 +141,8 @@ def measure_overhead(trials: int, trial_seconds: float, iterations: int, concurr
     ideal_s = trial_seconds * -(-trials // concurrency)
     return {
         "trials": trials,
+        "tune_trials": len(results),
+        "pool_trials": len(pooled),
         "tune_s": tune_s,
         "pool_s": pool_s,
         "ideal_s": ideal_s,
@@ -228,8 +231,6 @@ def _sweep(cfg: TuneBenchConfig, data_uri: str, storage_uri: str, name: str, **v
 def measure_search(cfg: TuneBenchConfig, data_uri: str, storage_uri: str) -> dict[str, Any]:
     """Grid (every configuration, every epoch), ASHA over the same configurations, and random search
     (FIFO) given the trial-epochs ASHA spent."""
-    import math
-
     configs = math.prod(len(v) for v in cfg.search_space.values())
     grid = _sweep(cfg, data_uri, storage_uri, "grid", search="grid", scheduler="fifo")
     grid_best, _ = budget_to_reach(grid, math.inf)
@@ -277,7 +278,7 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
         started_ray = ensure_ray(TrainConfig(num_workers=1), dashboard=True)
     storage_dir = tempfile.mkdtemp(prefix="medfusion-bench-tune-")
     figures: dict[str, dict[str, Any]] = {}
-    ratios: dict[str, float] = {}
+    terms: dict[str, tuple[str, str]] = {}
     try:
         if "search" in cfg.parts:
             from medfusion.bench.train import make_dataset
@@ -298,17 +299,17 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
                 print(
                     f"{labels[name]:<28}{row['trials']:>7}{row['trial_epochs']:>14}{row['stopped_early']:>9}{best:>9}{reached:>18}"
                 )
+                figures[f"{name}_trials"] = {"value": row["trials"], "unit": "trials"}
                 figures[f"{name}_best_objective"] = {"value": row["best"], "unit": "objective"}
                 figures[f"{name}_trial_epochs"] = {"value": row["trial_epochs"], "unit": "trial-epochs"}
                 figures[f"{name}_trial_epochs_to_target"] = {"value": row["epochs_to_target"], "unit": "trial-epochs"}
-            grid_epochs = rows["grid"]["trial_epochs"]
             for name in ("asha", "random"):
                 if rows[name]["best"] is not None and rows["grid"]["best"]:
-                    ratios[f"{name}_best_vs_grid_best"] = round(rows[name]["best"] / rows["grid"]["best"], 4)
-                reached = rows[name]["epochs_to_target"]
-                # Never reaching the target counts as needing more than the whole grid.
-                ratios[f"{name}_epochs_to_target_vs_grid_epochs"] = round(
-                    (reached if reached is not None else math.inf) / grid_epochs, 4
+                    terms[f"{name}_best_vs_grid_best"] = (f"{name}_best_objective", "grid_best_objective")
+                # None when the sweep never reached the target: it needed more than the whole grid.
+                terms[f"{name}_epochs_to_target_vs_grid_epochs"] = (
+                    f"{name}_trial_epochs_to_target",
+                    "grid_trial_epochs",
                 )
         if "overhead" in cfg.parts:
             cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -325,20 +326,24 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
             figures["tune_noop_wall_s"] = {"value": round(overhead["tune_s"], 3), "unit": "s"}
             figures["pool_noop_wall_s"] = {"value": round(overhead["pool_s"], 3), "unit": "s"}
             figures["tune_overhead_per_trial"] = {"value": round(overhead["tune_per_trial_ms"], 1), "unit": "ms"}
-            ratios["tune_vs_pool_wall"] = round(overhead["tune_s"] / overhead["pool_s"], 4)
+            figures["tune_noop_trials"] = {"value": overhead["tune_trials"], "unit": "trials"}
+            figures["pool_noop_trials"] = {"value": overhead["pool_trials"], "unit": "trials"}
+            terms["tune_vs_pool_wall"] = ("tune_noop_wall_s", "pool_noop_wall_s")
     finally:
         shutil.rmtree(storage_dir, ignore_errors=True)
         if started_ray:
             ray.shutdown()
         if started_store is not None:
             started_store.down()
+    ratios = ratios_of(figures, terms, digits=4)
     if ratios:
         print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     return {
         "bench": "tune",
         "config": {**_plain(cfg), "cores": os.cpu_count()},
         "figures": figures,
-        "ratios": {k: (v if math.isfinite(v) else None) for k, v in ratios.items()},
+        "ratios": ratios,
+        "ratio_of": ratio_terms(terms),
     }
 
 
