@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRESETS = ("tiny", "small", "base")
+PRESETS = ("tiny", "small", "base", "cxr")
 SOURCES = ("synthetic", "manifest", "iu_xray", "nih")
 SPLITS = ("train", "val", "test")
 FUSIONS = ("concat", "gated", "bilinear", "cross_attention", "image_only", "text_only")
@@ -275,7 +275,7 @@ class ModelConfig:
     """Architecture of MedFusionModel (see medfusion.models)."""
 
     preset: str = "tiny"
-    """Size preset the fields below were filled from: tiny, small or base."""
+    """Preset the fields below were filled from: tiny, small, base, or cxr (real chest films)."""
     backbone: str = "medfusion"
     """Image encoder: medfusion (the residual CNN of cnn_widths/cnn_blocks/stem_stride), densenet121
     (CheXNet's), resnet18 or resnet50 (MONAI's 2-D networks; cnn_* and stem_stride do not apply)."""

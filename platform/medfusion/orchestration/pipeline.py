@@ -45,7 +45,7 @@ class PipelineConfig:
     model_name: str = "medfusion"
     """Name of the published model, the Serve application and the RayService."""
     preset: str = "tiny"
-    """Size preset of data and model: tiny, small or base."""
+    """Size preset of data and model: tiny, small, base or cxr."""
     epochs: int = TrainConfig.epochs
     """Training epochs (tune: the most epochs a trial runs)."""
     lr: float = TrainConfig.lr
