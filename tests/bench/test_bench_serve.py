@@ -44,7 +44,7 @@ def test_the_bench_serves_an_untrained_export_of_its_preset(tmp_path):
     loaded = json.loads((tmp_path / "export" / "config.json").read_text())
     assert loaded["model_name"] == "medfusion_small" and loaded["data"]["image_size"] == 128
     assert len(Predictor.from_export(uri).predict([{"image": _png(), "report": "cough"}])) == 1
-    with pytest.raises(ConfigError, match="preset: must be one of tiny, small, base, got 'huge'"):
+    with pytest.raises(ConfigError, match="preset: must be one of tiny, small, base, cxr, got 'huge'"):
         ServeBenchConfig(preset="huge")
 
 
