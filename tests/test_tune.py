@@ -45,7 +45,7 @@ def _tiny(**values):
 @pytest.mark.parametrize(
     "space, message",
     [
-        ({"model.fusoin": ["concat"]}, "search_space.model.fusoin: unknown setting; did you mean model.fusion?"),
+        ({"model.fusoin": ["concat"]}, "search_space.model.fusoin: unknown setting; did you mean model.fusion"),
         ({"dropout": {"uniform": [0.0, 0.3]}}, "search_space.dropout: unknown setting; did you mean model.dropout?"),
         ({"train.lr": {"loguniform": [0.0, 1.0e-3]}}, "search_space.lr: loguniform needs low > 0"),
         ({"train.lr": {"uniform": [3.0e-3, 1.0e-4]}}, "search_space.lr: uniform needs low < high"),
