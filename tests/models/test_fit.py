@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+from fitting import train_epochs
 
 from medfusion.data.tokenizer import EOS_ID
 from medfusion.models import create_model, cxcywh_to_xyxy, paired_iou
@@ -22,21 +22,7 @@ def test_tiny_fits_synthetic_data(make_synth_data):
     steps = EPOCHS * -(-TRAIN // BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=steps, pct_start=0.15)
 
-    epoch_losses = []
-    for _ in range(EPOCHS):
-        model.train()
-        order, losses = torch.randperm(TRAIN), []
-        for start in range(0, TRAIN, BATCH):
-            idx = order[start : start + BATCH]
-            batch = {k: v[idx] for k, v in train.items()}
-            total, _ = model.loss(batch, model(batch))
-            optimizer.zero_grad()
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(total.item())
-        epoch_losses.append(float(np.mean(losses)))
+    epoch_losses = train_epochs(model, train, epochs=EPOCHS, batch_size=BATCH, optimizer=optimizer, schedule=schedule)
 
     model.eval()
     with torch.no_grad():

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from fitting import train_epochs
 
 from medfusion.metrics import classification_metrics
 from medfusion.models import create_model
@@ -42,17 +43,7 @@ def fit(make_synth_data):
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     steps = EPOCHS * -(-TRAIN // BATCH)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule("cosine", WARMUP, steps))
-    for _ in range(EPOCHS):
-        model.train()
-        order = torch.randperm(TRAIN)
-        for start in range(0, TRAIN, BATCH):
-            batch = {k: v[order[start : start + BATCH]] for k, v in train.items()}
-            loss, _ = model.loss(batch, model(batch))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
+    train_epochs(model, train, epochs=EPOCHS, batch_size=BATCH, optimizer=optimizer, schedule=schedule)
     return model, test
 
 
