@@ -37,7 +37,7 @@ import numpy as np
 
 from medfusion import storage
 from medfusion.config import DataConfig, EvaluateConfig
-from medfusion.data.batches import finding_box_arrays
+from medfusion.data.batches import finding_box_arrays, valid_box
 from medfusion.data.dataset import (
     FINDING_BOX_COLUMNS,
     DatasetError,
@@ -302,12 +302,6 @@ def _predict_local(cfg: EvaluateConfig, info: DatasetInfo, data_cfg: DataConfig,
     return predict_batches(predictor, batches)
 
 
-def _valid_box(values: Any) -> np.ndarray | None:
-    """A shard box (4 normalized xyxy floats) as an array; None for null, a wrong length or a NaN."""
-    box = None if values is None else np.asarray(list(values), dtype=np.float32)
-    return box if box is not None and box.shape == (4,) and not np.isnan(box).any() else None
-
-
 def _row_boxes(
     num_classes: int, labels: Any, box: Any, box_labels: Any = None, boxes: Any = None, per_finding: bool = False
 ) -> list[tuple[np.ndarray, list[int]]]:
@@ -315,11 +309,11 @@ def _row_boxes(
     medfusion.data.batches.collate: with per-finding columns (`per_finding`), each of `boxes` for its
     class in `box_labels` (a class's first box only); without, the one `box` for each of `labels`."""
     if not per_finding:
-        single = _valid_box(box)
+        single = valid_box(box)
         return [] if single is None else [(single, [int(c) for c in labels])]
     found: dict[int, np.ndarray] = {}
     for c, values in zip([] if box_labels is None else box_labels, [] if boxes is None else boxes):
-        values = _valid_box(values)
+        values = valid_box(values)
         if values is not None and 0 <= int(c) < num_classes and int(c) not in found:
             found[int(c)] = values
     return [(values, [c]) for c, values in found.items()]
@@ -335,7 +329,7 @@ def _targets(batch: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
     has_box = np.zeros((n,), dtype=np.float32)
     for i, (indices, b) in enumerate(zip(batch["labels"], batch["box"])):
         labels[i, np.asarray(list(indices), dtype=np.int64)] = 1.0
-        values = _valid_box(b)
+        values = valid_box(b)
         if values is not None:
             box[i], has_box[i] = values, 1.0
     out = {**batch, "labels": labels, "box": box, "has_box": has_box}

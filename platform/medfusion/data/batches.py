@@ -81,9 +81,9 @@ def collate(
     box = np.zeros((n, 4), dtype=np.float32)
     has_box = np.zeros((n,), dtype=np.float32)
     for i, b in enumerate(rows["box"]):
-        if b is not None and len(b) == 4 and not np.any(np.isnan(np.asarray(b, dtype=np.float32))):
-            box[i] = np.asarray(b, dtype=np.float32)
-            has_box[i] = 1.0
+        values = valid_box(b)
+        if values is not None:
+            box[i], has_box[i] = values, 1.0
     class_boxes, class_has_box = finding_box_arrays(rows, labels, box, has_box)
     if augment_settings is not None and augment_settings.enabled:
         _augment_rows(image, box, has_box, class_boxes, class_has_box, rng or np.random.default_rng(), augment_settings)
@@ -106,6 +106,12 @@ def collate(
     return batch
 
 
+def valid_box(values: Any) -> np.ndarray | None:
+    """A shard box (4 normalized xyxy floats) as float32; None for null, a wrong length or a NaN."""
+    box = None if values is None else np.asarray(list(values), dtype=np.float32)
+    return box if box is not None and box.shape == (4,) and not np.isnan(box).any() else None
+
+
 def finding_box_arrays(
     rows: Mapping[str, Sequence[Any]], labels: np.ndarray, box: np.ndarray, has_box: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -117,9 +123,10 @@ def finding_box_arrays(
     if "boxes" in rows and "box_labels" in rows:
         for i, (indices, boxes) in enumerate(zip(rows["box_labels"], rows["boxes"])):
             for index, b in zip(list(indices if indices is not None else []), list(boxes if boxes is not None else [])):
+                values = valid_box(b)
                 # The first box of a finding counts (NIH boxes one nodule twice on a few images).
-                if 0 <= int(index) < num_classes and b is not None and len(b) == 4 and not class_has_box[i, int(index)]:
-                    class_boxes[i, int(index)] = np.asarray(b, dtype=np.float32)
+                if 0 <= int(index) < num_classes and values is not None and not class_has_box[i, int(index)]:
+                    class_boxes[i, int(index)] = values
                     class_has_box[i, int(index)] = 1.0
         return class_boxes, class_has_box
     class_has_box[:] = labels * has_box[:, None]
