@@ -37,7 +37,8 @@ from medfusion.models import MedFusionModel, build_model, count_parameters
 # 2: the box head predicts a box per image region (heads.BoxHead); version-1 weights do not fit it.
 # 3: a box per class (heads.BoxHead's class queries), and a model may have no trained decoder
 #    (model.describes false: the dataset had no findings text).
-FORMAT_VERSION = 3
+# 4: each class's box score has its own output weights (heads.BoxHead.objectness_out).
+FORMAT_VERSION = 4
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

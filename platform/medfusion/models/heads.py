@@ -83,7 +83,11 @@ class BoxHead(nn.Module):
         self.edges_region = nn.Linear(dim, dim)
         self.edges_query = nn.Linear(dim, dim, bias=False)
         self.edges_out = nn.Linear(dim, 4)
-        self.objectness = nn.Sequential(nn.Linear(3 * dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, 1))
+        self.objectness = nn.Sequential(nn.Linear(3 * dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        # Each class reads the shared features with its own weights, as a classifier's output layer
+        # does: one shared output unit could not tell the classes apart and stayed at their prior.
+        self.objectness_out = nn.Embedding(num_classes, dim + 1)  # (weights, bias) per class
+        nn.init.normal_(self.objectness_out.weight, std=dim**-0.5)
         self.scale = dim**-0.5
 
     def forward(self, fused: Tensor, image: ImageFeatures) -> BoxOutput:
@@ -101,7 +105,9 @@ class BoxHead(nn.Module):
         region_boxes = torch.cat([centres - edges[..., :2], centres + edges[..., 2:]], dim=-1)  # (B, C, R, 4)
         box = xyxy_to_cxcywh(torch.einsum("bcr,bcrk->bck", attention, region_boxes))
         every_class = context.unsqueeze(1).expand(-1, query.shape[1], -1)  # (B, C, 2D)
-        objectness = self.objectness(torch.cat([every_class, attended], dim=-1)).squeeze(-1)
+        features = self.objectness(torch.cat([every_class, attended], dim=-1))  # (B, C, D)
+        out = self.objectness_out(classes)  # (C, D + 1)
+        objectness = (features * out[:, :-1]).sum(-1) + out[:, -1]  # (B, C)
         return BoxOutput(box, objectness, attention, logits, region_boxes)
 
 
