@@ -77,6 +77,7 @@ def test_an_image_and_labels_only_dataset_trains_without_text(nih):
     assert config["vocab_size"] == 4, "no vocabulary beyond the special tokens"
     last = metrics["history"][-1]
     assert last["val_bleu4"] is None, "no findings to score: undefined, not 0.0"
+    assert last["val_text_loss"] is None, "no decoder loss: undefined, not 0.0"
     assert last["val_mean_iou"] > 0 and last["val_auroc_macro"] is not None
 
 

@@ -289,6 +289,8 @@ def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: Objec
     metrics = {
         "val_loss" if name == "total" else f"val_{name}_loss": totals[i] / max(n, 1) for i, name in enumerate(names)
     }
+    if not engine.module.describes:
+        metrics["val_text_loss"] = float("nan")  # no decoder loss (no findings text): undefined, not 0
     metrics["val_accuracy"] = correct / max(n, 1)
     metrics["val_mean_iou"] = iou_sum / boxes if boxes else float("nan")
     ranks = _all_gather((probs, labels, generated, references))
