@@ -30,6 +30,12 @@ CASES = {
         findings=["nodule in the right upper zone. " * 4, "", "the lungs are clear."],
         titles=["true: nodule / pred: nodule", "true: normal / pred: normal", "true: x / pred: y"],
     ),
+    "predictions-labelled-boxes": lambda path: plots.plot_predictions(
+        IMAGES_U8,
+        path,
+        true_boxes=[[("nodule", [0.1, 0.1, 0.3, 0.3]), ("mass", [0.5, 0.5, 0.9, 0.8])], [], None],
+        pred_boxes=[[("nodule", [0.12, 0.1, 0.35, 0.3])], None, [("mass", [0.2, 0.2, 0.4, 0.4])]],
+    ),
     "predictions-model-input": lambda path: plots.plot_predictions(IMAGES_MODEL, path, ncols=2),
     "attention": lambda path: plots.plot_attention(IMAGES_MODEL, [RNG.dirichlet(np.ones(64)).reshape(8, 8)] * 3, path),
     "note-attention": lambda path: plots.plot_note_attention(
@@ -66,3 +72,19 @@ def test_importing_plots_does_not_import_matplotlib():
 def test_confusion_matrix_must_be_square(tmp_path):
     with pytest.raises(ValueError, match="square"):
         plots.plot_confusion_matrix([[1, 2, 3]], CLASSES, str(tmp_path / "x.png"))
+
+
+def _green_pixels(path: str) -> int:
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    return int(((abs(rgb[..., 0] - 0x2C) < 30) & (abs(rgb[..., 1] - 0xA0) < 30) & (abs(rgb[..., 2] - 0x2C) < 30)).sum())
+
+
+def test_every_finding_box_of_an_image_is_drawn(tmp_path):
+    """A film with two boxed findings shows both (each with its class name), not one."""
+    black = [np.zeros((64, 64), dtype=np.uint8)]
+    one, two = str(tmp_path / "one.png"), str(tmp_path / "two.png")
+    nodule, mass = ("nodule", [0.1, 0.1, 0.3, 0.3]), ("mass", [0.5, 0.5, 0.9, 0.8])
+    plots.plot_predictions(black, one, true_boxes=[[nodule]])
+    plots.plot_predictions(black, two, true_boxes=[[nodule, mass]])
+    assert _green_pixels(two) > 1.5 * _green_pixels(one) > 0

@@ -311,12 +311,10 @@ def _row_boxes(
     if not per_finding:
         single = valid_box(box)
         return [] if single is None else [(single, [int(c) for c in labels])]
-    found: dict[int, np.ndarray] = {}
-    for c, values in zip([] if box_labels is None else box_labels, [] if boxes is None else boxes):
-        values = valid_box(values)
-        if values is not None and 0 <= int(c) < num_classes and int(c) not in found:
-            found[int(c)] = values
-    return [(values, [c]) for c, values in found.items()]
+    rows = {"box_labels": [box_labels], "boxes": [boxes]}
+    none = np.zeros((1, num_classes), dtype=np.float32)
+    class_boxes, class_has_box = finding_box_arrays(rows, none, np.zeros((1, 4), np.float32), np.zeros(1, np.float32))
+    return [(class_boxes[0, c], [int(c)]) for c in np.flatnonzero(class_has_box[0])]
 
 
 def _targets(batch: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
@@ -623,6 +621,24 @@ def _threshold_curves(
     return [float(t) for t in shares], curves, counts
 
 
+def _true_boxes_of(predictions: Mapping[str, np.ndarray], i: int, classes: list[str]) -> list | None:
+    """Image i's true boxes, one per boxed finding with its class name (or its one box)."""
+    if "class_boxes" in predictions and "class_has_box" in predictions:
+        has = np.flatnonzero(np.asarray(predictions["class_has_box"][i]) > 0.5)
+        return [(classes[c], predictions["class_boxes"][i][c]) for c in has]
+    return predictions["box"][i] if predictions["has_box"][i] else None
+
+
+def _claimed_boxes_of(predictions: Mapping[str, np.ndarray], i: int, classes: list[str]) -> list | None:
+    """Image i's predicted boxes whose score is at least CLAIMED: per class with its name, or its one box."""
+    from medfusion.metrics import CLAIMED
+
+    if "pred_class_boxes" in predictions and "class_objectness" in predictions:
+        claimed = np.flatnonzero(np.asarray(predictions["class_objectness"][i]) >= CLAIMED)
+        return [(classes[c], predictions["pred_class_boxes"][i][c]) for c in claimed]
+    return predictions["pred_box"][i] if predictions["objectness"][i] >= CLAIMED else None
+
+
 def _write_plots(
     output_uri: str,
     predictions: Mapping[str, np.ndarray],
@@ -653,8 +669,8 @@ def _write_plots(
     plots.plot_predictions(
         list(grid["image"]),
         uris["predictions"],
-        true_boxes=[predictions["box"][i] if predictions["has_box"][i] else None for i in rows],
-        pred_boxes=[predictions["pred_box"][i] if predictions["objectness"][i] >= 0.5 else None for i in rows],
+        true_boxes=[_true_boxes_of(predictions, i, classes) for i in rows],
+        pred_boxes=[_claimed_boxes_of(predictions, i, classes) for i in rows],
         findings=[str(predictions["generated"][i]) for i in rows],
         titles=titles,
     )

@@ -159,11 +159,13 @@ def class_box_targets(
     The batch's own `class_boxes` / `class_has_box` when it carries them; otherwise (one box per
     image) the image's `box` belongs to each of its positive classes.
     """
-    if class_boxes is not None and class_has_box is not None:
-        return np.asarray(class_boxes, dtype=np.float64), np.asarray(class_has_box) > 0.5
-    mask = (np.asarray(labels) > 0.5) & (np.asarray(has_box) > 0.5)[:, None]  # (N, C)
-    boxes = np.asarray(box, dtype=np.float64)[:, None, :]  # (N, 1, 4)
-    return np.where(mask[..., None], boxes, 0.0), mask
+    if class_boxes is None or class_has_box is None:
+        from medfusion.data.batches import finding_box_arrays
+
+        class_boxes, class_has_box = finding_box_arrays(
+            {}, np.asarray(labels, dtype=np.float32), np.asarray(box), np.asarray(has_box, dtype=np.float32)
+        )
+    return np.asarray(class_boxes, dtype=np.float64), np.asarray(class_has_box) > 0.5
 
 
 def class_box_predictions(

@@ -104,11 +104,15 @@ def plot_roc_curves(probs: np.ndarray, labels: np.ndarray, class_names: Sequence
     return _save(fig, path)
 
 
-def _draw_box(ax: Any, box: Sequence[float], size: tuple[int, int], color: str, style: str = "-") -> None:
+def _draw_box(
+    ax: Any, box: Sequence[float], size: tuple[int, int], color: str, style: str = "-", label: str = ""
+) -> None:
     from matplotlib.patches import Rectangle
 
     height, width = size
     x0, y0, x1, y1 = (float(v) for v in box)
+    if label:
+        ax.text(x0 * width, y0 * height - 1, label, color=color, fontsize=6, va="bottom")
     ax.add_patch(
         Rectangle(
             (x0 * width - 0.5, y0 * height - 0.5),
@@ -122,19 +126,32 @@ def _draw_box(ax: Any, box: Sequence[float], size: tuple[int, int], color: str, 
     )
 
 
+Boxes = Sequence[float] | Sequence[tuple[str, Sequence[float]]] | None
+
+
+def _labelled(boxes: Boxes) -> list[tuple[str, Sequence[float]]]:
+    """One image's boxes as (label, box) pairs: None is none, a bare box is one without a label."""
+    if boxes is None or len(boxes) == 0:
+        return []
+    if isinstance(boxes[0], tuple):
+        return list(boxes)
+    return [("", boxes)]
+
+
 def plot_predictions(
     images: Sequence[np.ndarray],
     path: str,
     *,
-    true_boxes: Sequence[Sequence[float] | None] | None = None,
-    pred_boxes: Sequence[Sequence[float] | None] | None = None,
+    true_boxes: Sequence[Boxes] | None = None,
+    pred_boxes: Sequence[Boxes] | None = None,
     findings: Sequence[str] | None = None,
     titles: Sequence[str] | None = None,
     ncols: int = 4,
 ) -> str:
-    """A grid of images with the true box (green), the predicted box (red, dashed) and the text under each.
+    """A grid of images with the true boxes (green), the predicted boxes (red, dashed) and the text under each.
 
-    A None box (or a None list) is not drawn: pass None as the predicted box where objectness is low.
+    Each image's boxes are None (none drawn: pass None where no box is claimed), one box, or a list
+    of (label, box) pairs, one per finding, each drawn with its label.
     """
     n = len(images)
     rows, cols = _grid(n, ncols)
@@ -143,10 +160,9 @@ def plot_predictions(
         ax = fig.add_subplot(rows, cols, i + 1)
         pixels = _display(image)
         ax.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
-        if true_boxes is not None and true_boxes[i] is not None:
-            _draw_box(ax, true_boxes[i], pixels.shape, TRUE_COLOR)
-        if pred_boxes is not None and pred_boxes[i] is not None:
-            _draw_box(ax, pred_boxes[i], pixels.shape, PRED_COLOR, "--")
+        for boxes, color, style in ((true_boxes, TRUE_COLOR, "-"), (pred_boxes, PRED_COLOR, "--")):
+            for label, box in _labelled(None if boxes is None else boxes[i]):
+                _draw_box(ax, box, pixels.shape, color, style, label)
         ax.set_xticks([])
         ax.set_yticks([])
         if titles is not None:

@@ -213,12 +213,12 @@ class MedFusionModel(nn.Module):
 
 
 def finding_boxes(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(B, C, 4) normalized xyxy boxes per finding and their (B, C) mask: the batch's own, or for a
-    batch that carries one box per image, that box given to each of the image's labels."""
-    if "class_boxes" in batch and "class_has_box" in batch:
-        return batch["class_boxes"], batch["class_has_box"]
-    has_box = batch["labels"] * batch["has_box"].unsqueeze(1)  # (B, C)
-    return batch["box"].unsqueeze(1) * has_box.unsqueeze(-1), has_box
+    """(B, C, 4) normalized xyxy boxes per finding and their (B, C) mask, as `collate` made them
+    (medfusion.data.batches.finding_box_arrays holds the rule for shards with one box per image)."""
+    missing = [key for key in ("class_boxes", "class_has_box") if key not in batch]
+    if missing:
+        raise KeyError(f"batch has no {' or '.join(missing)}: build batches with medfusion.data.batches.collate")
+    return batch["class_boxes"], batch["class_has_box"]
 
 
 def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Tensor]:
