@@ -334,7 +334,10 @@ def test_asha_stops_a_trial_and_the_results_are_written(sweep):
     assert board["best"] == trials[0]["trial_id"] == result["best_trial_id"]
     assert set(board["pareto"]) <= {t["trial_id"] for t in trials} and trials[0]["trial_id"] in board["pareto"]
     best = trials[0]
-    assert set(best["params"]) == {"model.fusion", "lr"} and 0.0 <= best["val_bleu4"] <= 1.0
+    assert set(best["params"]) == {"model.fusion", "lr"}
+    # objective.classification=0: the objective is IoU + BLEU-4, so BLEU-4 must be the measured remainder
+    assert isinstance(best["val_bleu4"], float), best
+    assert best["objective"] == pytest.approx((best["val_mean_iou"] or 0.0) + best["val_bleu4"], abs=1e-6), best
     assert best["val_auroc_macro"] is not None
     assert storage.exists(storage.join(best["model_uri"], "model.safetensors"))
     assert best["checkpoint_uri"].startswith("s3://")

@@ -16,12 +16,18 @@ from medfusion.loader import load_config
 @pytest.mark.integration
 def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
     cfg = TrainBenchConfig(
-        samples=96, steps=2, warmup_steps=1, workers=2, zero_stages=[0, 3], data_uri=f"{s3_prefix}/bench"
+        samples=96,
+        steps=2,
+        warmup_steps=1,
+        workers=2,
+        zero_stages=[0, 3],
+        loader_workers=1,
+        data_uri=f"{s3_prefix}/bench",
     )
     result = run_train_bench(cfg)
     table = capsys.readouterr().out
     assert (
-        "(b) plain PyTorch" in table
+        "(b) plain PyTorch loop, DataLoader x1" in table
         and "(b') plain PyTorch" in table
         and "ZeRO-0, 1 worker" in table
         and "ZeRO-3, 1 worker" in table
@@ -30,7 +36,8 @@ def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
     assert result["bench"] == "train" and json.loads(json.dumps(result)) == result
     figures = result["figures"]
     for name in (
-        "plain_torch_samples_per_s",
+        "plain_torch_prefetch_samples_per_s",
+        "plain_torch_in_memory_samples_per_s",
         "ray_deepspeed_zero0_1w_samples_per_s",
         "ray_deepspeed_zero3_1w_samples_per_s",
         "ray_deepspeed_2w_samples_per_s",
@@ -39,10 +46,13 @@ def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
     ):
         assert figures[name]["value"] > 0, name
     assert 0 <= figures["ray_deepspeed_zero0_1w_data_wait_share"]["value"] <= 1
+    assert 0 <= figures["plain_torch_prefetch_data_wait_share"]["value"] <= 1
+    # on cpu every variant trains fp32 weights (bf16 weights, fp32 master copies, on cuda)
+    assert (result["config"]["precision"], result["config"]["loader_workers"]) == ("fp32", 1)
     # the 1-worker headline ratios are of the first ZeRO stage measured
     assert result["ratio_of"] == {
-        "ray_deepspeed_1w_vs_plain_torch": ["ray_deepspeed_zero0_1w_samples_per_s", "plain_torch_samples_per_s"],
-        "ray_deepspeed_1w_vs_plain_torch_in_memory": [
+        "ray_vs_plain_prefetch": ["ray_deepspeed_zero0_1w_samples_per_s", "plain_torch_prefetch_samples_per_s"],
+        "ray_vs_plain_in_memory": [
             "ray_deepspeed_zero0_1w_samples_per_s",
             "plain_torch_in_memory_samples_per_s",
         ],
@@ -54,7 +64,7 @@ def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
     check_counts(
         figures,
         [
-            "plain_torch_samples",
+            "plain_torch_prefetch_samples",
             "plain_torch_in_memory_samples",
             "ray_deepspeed_zero0_1w_samples",
             "ray_deepspeed_zero3_1w_samples",
@@ -70,6 +80,7 @@ def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
         (["device=tpu"], "device: must be cpu or cuda"),
         (["zero_stages=0,4"], "zero_stages: must be a list of 0-3"),
         (["steps=0"], "steps: must be >= 1"),
+        (["loader_workers=-1"], "loader_workers: must be >= 0"),
     ],
 )
 def test_bench_config_errors_name_the_field(overrides, message):
@@ -83,3 +94,33 @@ def test_cuda_without_a_gpu_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="device=cuda: no CUDA GPU"):
         run_train_bench(TrainBenchConfig(device="cuda", zero_stages=[0, 1, 2, 3]))
+
+
+def test_plain_loop_holds_bf16_weights_with_fp32_master_copies():
+    """DeepSpeed's bf16 mode, as the plain baseline reproduces it: bf16 parameters, fp32 buffers,
+    fp32 master copies equal to the initial weights."""
+    import torch
+
+    from medfusion.bench.train import _bf16_with_fp32_master
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    initial = [p.detach().clone() for p in model.parameters()]
+    master = _bf16_with_fp32_master(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model[1].running_mean.dtype == torch.float32
+    assert [m.dtype for m in master] == [torch.float32] * len(initial)
+    assert all(torch.equal(m, p) for m, p in zip(master, initial))
+
+
+def test_shard_batches_are_full_batches_however_the_rows_divide(tmp_path):
+    """The DataLoader stream yields only full batches, carrying a shard's remainder into the next
+    shard or pass, so the plain loop times as many samples per step as the Ray path."""
+    from medfusion.bench.train import _ShardBatches, make_dataset
+    from medfusion.config import DataConfig
+    from medfusion.data.dataset import open_dataset
+
+    make_dataset(str(tmp_path / "data"), 80, 32)
+    info = open_dataset(str(tmp_path / "data"))
+    stream = iter(_ShardBatches(info, DataConfig(image_size=32, batch_size=24)))
+    batches = [next(stream) for _ in range(7)]  # 7 x 24 > 80 rows: the stream cycles
+    assert [len(b["image"]) for b in batches] == [24] * 7

@@ -10,7 +10,7 @@ import sys
 import pytest
 from bench_invariants import check_counts, check_ratios
 
-from medfusion.bench.tune import TuneBenchConfig, budget_to_reach, run_tune_bench, trial_epochs
+from medfusion.bench.tune import TuneBenchConfig, budget_to_reach, ratio_spread, run_tune_bench, trial_epochs
 from medfusion.config import ConfigError
 from medfusion.loader import load_config
 
@@ -22,6 +22,7 @@ from medfusion.loader import load_config
         (["epochs=1"], "epochs: must be >= 2"),
         (["tolerance=1.5"], "tolerance: must be in"),
         (["trial_seconds=0"], "trial_seconds: must be > 0"),
+        (["repetitions=0"], "repetitions: must be >= 1"),
     ],
 )
 def test_bench_config_errors_name_the_field(overrides, message):
@@ -69,6 +70,29 @@ def test_budget_counts_trial_epochs_in_run_order(trials, target, expected):
     assert trial_epochs(trials) == sum(t["epochs_run"] for t in trials)
 
 
+@pytest.mark.parametrize(
+    "ratios, expected",
+    [
+        # odd count: the middle value; min and max over the repetitions
+        (
+            {"rep0_x": 0.3, "rep1_x": 0.1, "rep2_x": 0.2, "tune_vs_pool_wall": 1.1},
+            {"x": {"values": [0.3, 0.1, 0.2], "measured": 3, "median": 0.2, "min": 0.1, "max": 0.3}},
+        ),
+        # a repetition that never reached the target is listed, and left out of the statistics
+        (
+            {"rep0_x": 0.4, "rep1_x": None, "rep2_x": 0.2},
+            {"x": {"values": [0.4, None, 0.2], "measured": 2, "median": 0.3, "min": 0.2, "max": 0.4}},
+        ),
+        (
+            {"rep0_x": None, "rep1_x": None, "rep2_x": None},
+            {"x": {"values": [None, None, None], "measured": 0, "median": None, "min": None, "max": None}},
+        ),
+    ],
+)
+def test_ratio_spread_over_repetitions(ratios, expected):
+    assert ratio_spread(ratios, 3) == expected
+
+
 @pytest.mark.integration
 def test_overhead_part_measures_tune_and_the_pool(ray_local, capsys):
     result = run_tune_bench(TuneBenchConfig(parts=["overhead"], overhead_trials=4, trial_seconds=0.5, iterations=2))
@@ -80,6 +104,7 @@ def test_overhead_part_measures_tune_and_the_pool(ray_local, capsys):
     assert result["ratio_of"] == {"tune_vs_pool_wall": ["tune_noop_wall_s", "pool_noop_wall_s"]}
     check_ratios(result)
     check_counts(result["figures"], ["tune_noop_trials", "pool_noop_trials"], 4)
+    assert result["ratio_spread"] == {}  # no search part, nothing repeated
 
 
 @pytest.mark.integration
@@ -97,20 +122,40 @@ def test_search_part_runs_grid_asha_and_random(s3_prefix, tmp_path):
         "epochs=2",
         "steps_per_epoch=2",
         "search_space={model.fusion: [concat, gated]}",
+        "repetitions=2",
+        "seed=5",
         f"data_uri={s3_prefix}/bench-tune",
     ]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     figures = result["figures"]
-    assert figures["grid_trial_epochs"]["value"] == 2 * 2  # every configuration, every epoch
-    assert figures["grid_best_objective"]["value"] is not None
-    assert figures["asha_trial_epochs"]["value"] <= figures["grid_trial_epochs"]["value"]
-    check_counts(figures, ["grid_trials", "asha_trials"], 2)  # ASHA starts every configuration of the grid
-    assert {
-        "asha_best_vs_grid_best": ["asha_best_objective", "grid_best_objective"],
-        "asha_epochs_to_target_vs_grid_epochs": ["asha_trial_epochs_to_target", "grid_trial_epochs"],
-        "random_epochs_to_target_vs_grid_epochs": ["random_trial_epochs_to_target", "grid_trial_epochs"],
-    }.items() <= result["ratio_of"].items()
+    for rep in ("rep0_", "rep1_"):
+        assert figures[f"{rep}grid_trial_epochs"]["value"] == 2 * 2  # every configuration, every epoch
+        assert figures[f"{rep}grid_best_objective"]["value"] is not None
+        assert figures[f"{rep}asha_trial_epochs"]["value"] <= figures[f"{rep}grid_trial_epochs"]["value"]
+        check_counts(figures, [f"{rep}grid_trials", f"{rep}asha_trials"], 2)  # ASHA starts every grid configuration
+        assert {
+            f"{rep}asha_best_vs_grid_best": [f"{rep}asha_best_objective", f"{rep}grid_best_objective"],
+            f"{rep}asha_epochs_to_target_vs_grid_epochs": [
+                f"{rep}asha_trial_epochs_to_target",
+                f"{rep}grid_trial_epochs",
+            ],
+            f"{rep}random_epochs_to_target_vs_grid_epochs": [
+                f"{rep}random_trial_epochs_to_target",
+                f"{rep}grid_trial_epochs",
+            ],
+        }.items() <= result["ratio_of"].items()
     check_ratios(result)
-    assert "grid (FIFO)" in out.stdout and "ASHA (same grid)" in out.stdout
+    # different seeds train different trials: the two repetitions' grids do not score alike
+    assert figures["rep0_grid_best_objective"]["value"] != figures["rep1_grid_best_objective"]["value"]
+    spread = result["ratio_spread"]
+    assert set(spread) == {
+        "asha_best_vs_grid_best",
+        "random_best_vs_grid_best",
+        "asha_epochs_to_target_vs_grid_epochs",
+        "random_epochs_to_target_vs_grid_epochs",
+    }
+    for name, stat in spread.items():
+        assert stat["values"] == [result["ratios"][f"rep0_{name}"], result["ratios"][f"rep1_{name}"]], name
+    assert "repetition 1 (seed 6)" in out.stdout and "ASHA (same grid)" in out.stdout

@@ -5,13 +5,18 @@ One run measures, on a synthetic dataset streamed from the local S3 store:
 (a) Ray Train + DeepSpeed with one worker, once per ZeRO stage in `zero_stages`: the production
     training loop (`train_loop_per_worker` in benchmark mode: no validation, no checkpoints),
     streaming its shard through Ray Data, as in `medfusion train`.
-(b) A plain single-process PyTorch loop (AdamW, same clipping and precision) on the same shards,
-    reading and decoding each batch inline (pyarrow, no Ray): what "the same training without
-    Ray" costs. a/b is the headline ratio.
-(b') The same loop over batches decoded into memory before timing: the compute ceiling, so a/b'
-    prices everything Ray Train, DeepSpeed and streaming add (on a small machine, mostly the cores
-    the preprocessing actor takes from training).
+(b) A plain single-process PyTorch loop (AdamW, same clipping) on the same shards, fed by a
+    prefetching `torch.utils.data.DataLoader`: `loader_workers` processes read and decode shards
+    while the loop trains (pinned memory on cuda), as Ray Data prefetches for (a). What "the same
+    training without Ray" costs: a/b (`ray_vs_plain_prefetch`) is the headline ratio.
+(b') The same loop over batches decoded into memory (and moved to the device) before timing: the
+    compute ceiling, so a/b' (`ray_vs_plain_in_memory`) prices everything Ray Train, DeepSpeed and
+    streaming add (on a small machine, mostly the cores the preprocessing takes from training).
 (c) Ray Train + DeepSpeed with `workers` workers (global samples/s; needs that many GPUs on cuda).
+
+Weights have the same dtype in every variant. On cuda DeepSpeed's bf16 mode holds the model's
+parameters in bf16 (fp32 buffers) and steps AdamW on fp32 master copies; the plain loop does the
+same (no autocast over fp32 weights). On cpu all variants train in fp32.
 
 Each variant runs `warmup_steps` untimed steps, then `steps` timed ones. Step time includes the wait
 for the next batch; the data-wait share is that wait over the step time. Peak memory is the training
@@ -70,6 +75,9 @@ class TrainBenchConfig:
     """Workers of the multi-worker variant (c); 0 skips it (it also needs that many GPUs on cuda)."""
     threads: int = 1
     """Torch intra-op threads of every training process (the same for all variants)."""
+    loader_workers: int = 0
+    """DataLoader worker processes of the plain loop (b); 0 = one per core the training process does
+    not use (1 to 8)."""
     data_uri: str = ""
     """Dataset root for the benchmark shards (default: s3://medfusion/bench/train on the local store)."""
 
@@ -91,6 +99,11 @@ class TrainBenchConfig:
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        check(self.loader_workers >= 0, "loader_workers", f"must be >= 0 (0 = automatic), got {self.loader_workers}")
+
+    def resolved_loader_workers(self) -> int:
+        """`loader_workers`, with 0 resolved to the cores left to decoding (at least 1, at most 8)."""
+        return self.loader_workers or min(8, max(1, (os.cpu_count() or 1) - self.threads))
 
 
 def _settings(cfg: TrainBenchConfig) -> tuple[str, ModelConfig, DataConfig]:
@@ -101,9 +114,9 @@ def _settings(cfg: TrainBenchConfig) -> tuple[str, ModelConfig, DataConfig]:
     return preset, ModelConfig(**preset_values(preset, "model")), DataConfig(**data_values)
 
 
-def make_dataset(uri: str, samples: int, image_size: int, val: float = 0.0) -> None:
-    """A synthetic dataset at `uri`: everything in train (the split that is streamed), or `val` of it
-    held out for validation (what a sweep ranks trials on)."""
+def make_dataset(uri: str, samples: int, image_size: int, val: float = 0.0, seed: int = 3) -> None:
+    """A synthetic dataset at `uri` (generated with `seed`): everything in train (the split that is
+    streamed), or `val` of it held out for validation (what a sweep ranks trials on)."""
     from medfusion.data.prepare import run_prepare
 
     run_prepare(
@@ -112,34 +125,96 @@ def make_dataset(uri: str, samples: int, image_size: int, val: float = 0.0) -> N
             output_uri=uri,
             overwrite=True,
             shard_size_mb=4.0,  # several shards, so Ray Data reads in parallel
-            synth=SynthConfig(num_samples=samples, image_size=image_size, seed=3),
+            synth=SynthConfig(num_samples=samples, image_size=image_size, seed=seed),
             split=SplitConfig(val=val, test=0.0),
         )
     )
 
 
-def _plain_batches(info: Any, data_cfg: DataConfig, device: Any, in_memory: bool, count: int) -> Iterator[Any]:
-    """`count` model batches: decoded beforehand (in_memory) or read and decoded here, one by one."""
+class _ShardBatches:
+    """Full model batches of the train split, decoded in the DataLoader's worker processes: each
+    worker reads every k-th shard, carries a shard's remainder into the next, and cycles until the
+    loop stops asking (so every batch has `batch_size` rows, as the Ray path's)."""
+
+    def __init__(self, info: Any, data_cfg: DataConfig) -> None:
+        from medfusion.data.dataset import collate_kwargs
+
+        self.uris = info.shard_uris("train")
+        self.columns = info.model_columns
+        self.kwargs = collate_kwargs(info, data_cfg)
+        self.batch_size = data_cfg.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import pyarrow as pa
+        import torch.utils.data
+
+        from medfusion.data.batches import collate
+        from medfusion.data.dataset import read_shard
+
+        worker = torch.utils.data.get_worker_info()
+        index, count = (worker.id, worker.num_workers) if worker else (0, 1)
+        mine = self.uris[index::count]
+        pending = None
+        while mine:
+            for uri in mine:
+                table = read_shard(uri, self.columns)
+                pending = table if pending is None else pa.concat_tables([pending, table])
+                while pending.num_rows >= self.batch_size:
+                    yield collate(pending.slice(0, self.batch_size).to_pydict(), **self.kwargs)
+                    pending = pending.slice(self.batch_size)
+
+
+def _plain_batches(info: Any, data_cfg: DataConfig, device: Any, args: dict[str, Any], count: int) -> Iterator[Any]:
+    """`count` model batches on `device`: decoded into memory beforehand (`in_memory`), or streamed
+    through a prefetching DataLoader with `loader_workers` processes."""
+    import torch.utils.data
+
     from medfusion.data.dataset import iter_local_batches
     from medfusion.models import to_tensors
 
-    if in_memory:
+    if args["in_memory"]:
         cached = [
             to_tensors(b, device)
             for b in iter_local_batches(info, "train", data_cfg, limit=count * data_cfg.batch_size)
         ]
         yield from (cached[i % len(cached)] for i in range(count))
         return
-    served = 0
-    while served < count:
-        for batch in iter_local_batches(info, "train", data_cfg, limit=(count - served) * data_cfg.batch_size):
-            served += 1
-            yield to_tensors(batch, device)
+
+    class Stream(torch.utils.data.IterableDataset):  # local: torch is not imported with this module
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            return iter(_ShardBatches(info, data_cfg))
+
+    workers = args["loader_workers"]
+    loader = torch.utils.data.DataLoader(
+        Stream(),
+        batch_size=None,  # the stream yields whole batches
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    for served, batch in enumerate(loader):
+        if served >= count:
+            return
+        yield to_tensors(batch, device)
+
+
+def _bf16_with_fp32_master(model: Any) -> list[Any]:
+    """DeepSpeed's bf16 mode on the plain model: parameters cast to bf16 in place (buffers stay fp32),
+    returned with fp32 master copies for the optimizer."""
+    import torch
+
+    master = []
+    for param in model.parameters():
+        master.append(torch.nn.Parameter(param.detach().clone().float()))
+        param.data = param.data.to(torch.bfloat16)
+    return master
 
 
 def run_baseline(args: dict[str, Any]) -> dict[str, float]:
-    """(b), in a fresh process: a plain PyTorch loop, reading and decoding the shards inline
-    (`in_memory` false) or over batches decoded before timing (the compute ceiling)."""
+    """(b), in a fresh process: a plain PyTorch loop over a prefetching DataLoader (`in_memory`
+    false) or over batches decoded before timing (the compute ceiling). With `precision` bf16 it
+    holds bf16 weights and steps fp32 master weights, as DeepSpeed's bf16 mode does."""
     import torch
 
     from medfusion.data.dataset import open_dataset
@@ -153,30 +228,40 @@ def run_baseline(args: dict[str, Any]) -> dict[str, float]:
     model_cfg, data_cfg = ModelConfig(**args["model"]), DataConfig(**args["data"])
     total = args["warmup_steps"] + args["steps"]
     model = build_model(model_cfg, len(info.tokenizer), len(info.classes)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    dtype = torch.bfloat16 if args["precision"] == "bf16" else None
+    params = list(model.parameters())
+    bf16 = args["precision"] == "bf16"
+    master = _bf16_with_fp32_master(model) if bf16 else params
+    optimizer = torch.optim.AdamW(master, lr=1e-3, weight_decay=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed = data_wait = 0.0
     samples = 0
-    batches = _plain_batches(info, data_cfg, device, args["in_memory"], total)
+    batches = _plain_batches(info, data_cfg, device, args, total)
     for step in range(total):
         start = time.perf_counter()
         batch = next(batches)
         fetched = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = float_outputs(model(batch))
+        out = float_outputs(model(batch))
         loss, _ = model.loss(batch, out)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args["clip"])
+        if bf16:
+            for weight, copy in zip(params, master):
+                copy.grad = None if weight.grad is None else weight.grad.float()
+        torch.nn.utils.clip_grad_norm_(master, args["clip"])
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if bf16:
+            with torch.no_grad():
+                for weight, copy in zip(params, master):
+                    weight.copy_(copy)
+            model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= args["warmup_steps"]:
             timed += time.perf_counter() - start
             data_wait += fetched - start
             samples += len(batch["image"])
+    batches.close()  # stops the DataLoader's workers
     peak = (
         torch.cuda.max_memory_allocated(device) / 2**20
         if device.type == "cuda"
@@ -283,8 +368,12 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         "clip": 1.0,
         "warmup_steps": cfg.warmup_steps,
         "steps": cfg.steps,
+        # a worker without a shard of its own would only start up
+        "loader_workers": min(cfg.resolved_loader_workers(), len(info.shard_uris("train"))),
     }
-    baseline = _row("(b) plain PyTorch loop, decoding inline", _in_fresh_process({**args, "in_memory": False}))
+    baseline = _row(
+        f"(b) plain PyTorch loop, DataLoader x{args['loader_workers']}", _in_fresh_process({**args, "in_memory": False})
+    )
     ceiling = _row("(b') plain PyTorch loop, batches in memory", _in_fresh_process({**args, "in_memory": True}))
 
     storage_dir = tempfile.mkdtemp(prefix="medfusion-bench-train-")
@@ -352,11 +441,14 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         )
 
     figures: dict[str, dict[str, Any]] = {
-        "plain_torch_samples_per_s": {"value": round(baseline["samples_per_s"], 2), "unit": "samples/s"},
-        "plain_torch_samples": {"value": baseline["samples"], "unit": "samples"},
-        "plain_torch_peak_memory": {"value": round(baseline["peak_memory_mib"], 1), "unit": memory_unit},
-        "plain_torch_step_time": {"value": round(baseline["step_time_ms"], 2), "unit": "ms"},
-        "plain_torch_data_wait_share": {"value": round(baseline["data_wait_share"], 4), "unit": "fraction"},
+        "plain_torch_prefetch_samples_per_s": {"value": round(baseline["samples_per_s"], 2), "unit": "samples/s"},
+        "plain_torch_prefetch_samples": {"value": baseline["samples"], "unit": "samples"},
+        "plain_torch_prefetch_peak_memory": {"value": round(baseline["peak_memory_mib"], 1), "unit": memory_unit},
+        "plain_torch_prefetch_step_time": {"value": round(baseline["step_time_ms"], 2), "unit": "ms"},
+        "plain_torch_prefetch_data_wait_share": {
+            "value": round(baseline["data_wait_share"], 4),
+            "unit": "fraction",
+        },
         "plain_torch_in_memory_samples_per_s": {"value": round(ceiling["samples_per_s"], 2), "unit": "samples/s"},
         "plain_torch_in_memory_samples": {"value": ceiling["samples"], "unit": "samples"},
         "plain_torch_in_memory_peak_memory": {"value": round(ceiling["peak_memory_mib"], 1), "unit": memory_unit},
@@ -379,8 +471,8 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         }
     one_worker = f"ray_deepspeed_zero{cfg.zero_stages[0]}_1w_samples_per_s"
     terms = {
-        "ray_deepspeed_1w_vs_plain_torch": (one_worker, "plain_torch_samples_per_s"),
-        "ray_deepspeed_1w_vs_plain_torch_in_memory": (one_worker, "plain_torch_in_memory_samples_per_s"),
+        "ray_vs_plain_prefetch": (one_worker, "plain_torch_prefetch_samples_per_s"),
+        "ray_vs_plain_in_memory": (one_worker, "plain_torch_in_memory_samples_per_s"),
     }
     if two is not None:
         figures[f"ray_deepspeed_{cfg.workers}w_samples_per_s"] = {
@@ -409,6 +501,7 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         "image_size": data_cfg.image_size,
         "samples": samples,
         "precision": precision,
+        "loader_workers": args["loader_workers"],
         "cores": os.cpu_count(),
         "gpus": gpus,
     }

@@ -10,6 +10,15 @@ One run measures:
     objective reached, and the trial-epochs spent, in completion order, until a trial came within
     `tolerance` (1%) of the grid's best. Target: ASHA gets there on at most 1/3 of the grid's
     trial-epochs.
+
+    One draw says little (run-to-run noise is larger than the tolerance), so the comparison runs
+    `repetitions` times; repetition i uses seed + i for the dataset, the trials' training (init,
+    shuffling) and random search's sampler. Each repetition's figures and ratios carry its prefix
+    (``rep0_grid_best_objective``, ``rep0_asha_epochs_to_target_vs_grid_epochs``), so every entry of
+    ``ratios`` is the quotient of the two figures its ``ratio_of`` names. The record's
+    ``ratio_spread`` gives, for each search ratio, its per-repetition values and their median, min
+    and max; a repetition whose ratio has no value (the target was never reached) is listed as None
+    and left out of median, min and max, and ``measured`` says how many had one.
 (2) Scheduling overhead: `overhead_trials` no-op trials (each only sleeps `trial_seconds`, reporting
     `iterations` times) through Ray Tune, and the same sleeps through a `multiprocessing.Pool` with
     as many processes as Tune runs trials at once. Overhead = Tune's wall time over the pool's, minus
@@ -21,6 +30,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,7 +64,10 @@ class TuneBenchConfig:
     tolerance: float = 0.01
     """"Within 1% of the grid's best": objective >= (1 - tolerance) x the grid's best."""
     seed: int = 0
-    """Seed of random search's sampler."""
+    """Seed of the first repetition (data, trials' training, random search's sampler); repetition i uses seed + i."""
+    repetitions: int = 3
+    """Times the search comparison runs, each with its own seed; ratios are reported per repetition
+    with their median and range."""
     overhead_trials: int = 16
     """No-op trials of the overhead measurement."""
     trial_seconds: float = 5.0
@@ -81,6 +94,7 @@ class TuneBenchConfig:
         )
         check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
         check(0 <= self.tolerance < 1, "tolerance", f"must be in [0, 1), got {self.tolerance}")
+        check(self.repetitions >= 1, "repetitions", f"must be >= 1, got {self.repetitions}")
         check(self.overhead_trials >= 1, "overhead_trials", f"must be >= 1, got {self.overhead_trials}")
         check(self.trial_seconds > 0, "trial_seconds", f"must be > 0, got {self.trial_seconds}")
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
@@ -191,8 +205,11 @@ def trial_epochs(trials: list[dict[str, Any]]) -> int:
     return sum(int(r.get("epochs_run") or 0) for r in trials)
 
 
-def _sweep(cfg: TuneBenchConfig, data_uri: str, storage_uri: str, name: str, **values: Any) -> list[dict[str, Any]]:
-    """One run_tune sweep of the benchmark's trials; its leaderboard's trial records."""
+def _sweep(
+    cfg: TuneBenchConfig, data_uri: str, storage_uri: str, name: str, seed: int, **values: Any
+) -> list[dict[str, Any]]:
+    """One run_tune sweep of the benchmark's trials (training and sampler seeded with `seed`); its
+    leaderboard's trial records."""
     import json
 
     from medfusion import storage
@@ -213,9 +230,10 @@ def _sweep(cfg: TuneBenchConfig, data_uri: str, storage_uri: str, name: str, **v
                 "max_steps_per_epoch": cfg.steps_per_epoch,
                 "num_workers": 1,
                 "warmup_steps": 2,
+                "seed": seed,
             },
             "search_space": cfg.search_space,
-            "search_seed": cfg.seed,
+            "search_seed": seed,
             "reduction_factor": cfg.reduction_factor,
             "grace_period": 1,
             "max_concurrent_trials": 1,
@@ -228,19 +246,22 @@ def _sweep(cfg: TuneBenchConfig, data_uri: str, storage_uri: str, name: str, **v
     return json.loads(storage.read_text(result.leaderboard_uri))["trials"]
 
 
-def measure_search(cfg: TuneBenchConfig, data_uri: str, storage_uri: str) -> dict[str, Any]:
+def measure_search(cfg: TuneBenchConfig, data_uri: str, storage_uri: str, seed: int) -> dict[str, Any]:
     """Grid (every configuration, every epoch), ASHA over the same configurations, and random search
-    (FIFO) given the trial-epochs ASHA spent."""
+    (FIFO) given the trial-epochs ASHA spent; every trial trained with `seed`."""
     configs = math.prod(len(v) for v in cfg.search_space.values())
-    grid = _sweep(cfg, data_uri, storage_uri, "grid", search="grid", scheduler="fifo")
+    storage_uri = os.path.join(storage_uri, f"seed{seed}")
+    grid = _sweep(cfg, data_uri, storage_uri, "grid", seed, search="grid", scheduler="fifo")
     grid_best, _ = budget_to_reach(grid, math.inf)
     if grid_best is None:
         raise RuntimeError("bench tune: no grid trial reported an objective")
     target = grid_best - cfg.tolerance * abs(grid_best)
-    asha = _sweep(cfg, data_uri, storage_uri, "asha", search="grid", scheduler="asha")
+    asha = _sweep(cfg, data_uri, storage_uri, "asha", seed, search="grid", scheduler="asha")
     asha_spent = trial_epochs(asha)
     random_trials = max(1, round(asha_spent / cfg.epochs))
-    random = _sweep(cfg, data_uri, storage_uri, "random", search="random", scheduler="fifo", num_samples=random_trials)
+    random = _sweep(
+        cfg, data_uri, storage_uri, "random", seed, search="random", scheduler="fifo", num_samples=random_trials
+    )
     rows = {}
     for name, trials in (("grid", grid), ("asha", asha), ("random", random)):
         best, reached = budget_to_reach(trials, target)
@@ -278,39 +299,20 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
         started_ray = ensure_ray(TrainConfig(num_workers=1), dashboard=True)
     storage_dir = tempfile.mkdtemp(prefix="medfusion-bench-tune-")
     figures: dict[str, dict[str, Any]] = {}
+    search_terms: dict[str, tuple[str, str]] = {}
     terms: dict[str, tuple[str, str]] = {}
     try:
         if "search" in cfg.parts:
             from medfusion.bench.train import make_dataset
             from medfusion.loader import preset_values
 
-            make_dataset(data_uri, cfg.samples, int(preset_values("tiny", "data")["image_size"]), val=0.2)
-            search = measure_search(cfg, data_uri, storage_dir)
-            rows = search["rows"]
-            print(
-                f"\nsearch over {search['configs']} configurations x {cfg.epochs} epochs; "
-                f"target = within {100 * cfg.tolerance:g}% of the grid's best = {search['target']:.4f}"
-            )
-            print(f"{'sweep':<28}{'trials':>7}{'trial-epochs':>14}{'stopped':>9}{'best':>9}{'epochs to target':>18}")
-            labels = {"grid": "grid (FIFO)", "asha": "ASHA (same grid)", "random": "random (FIFO, ASHA's budget)"}
-            for name, row in rows.items():
-                reached = "not reached" if row["epochs_to_target"] is None else str(row["epochs_to_target"])
-                best = "-" if row["best"] is None else f"{row['best']:.4f}"
-                print(
-                    f"{labels[name]:<28}{row['trials']:>7}{row['trial_epochs']:>14}{row['stopped_early']:>9}{best:>9}{reached:>18}"
-                )
-                figures[f"{name}_trials"] = {"value": row["trials"], "unit": "trials"}
-                figures[f"{name}_best_objective"] = {"value": row["best"], "unit": "objective"}
-                figures[f"{name}_trial_epochs"] = {"value": row["trial_epochs"], "unit": "trial-epochs"}
-                figures[f"{name}_trial_epochs_to_target"] = {"value": row["epochs_to_target"], "unit": "trial-epochs"}
-            for name in ("asha", "random"):
-                if rows[name]["best"] is not None and rows["grid"]["best"]:
-                    terms[f"{name}_best_vs_grid_best"] = (f"{name}_best_objective", "grid_best_objective")
-                # None when the sweep never reached the target: it needed more than the whole grid.
-                terms[f"{name}_epochs_to_target_vs_grid_epochs"] = (
-                    f"{name}_trial_epochs_to_target",
-                    "grid_trial_epochs",
-                )
+            image_size = int(preset_values("tiny", "data")["image_size"])
+            for rep in range(cfg.repetitions):
+                seed = cfg.seed + rep
+                make_dataset(data_uri, cfg.samples, image_size, val=0.2, seed=seed)
+                search = measure_search(cfg, data_uri, storage_dir, seed)
+                _search_table(cfg, search, rep, seed)
+                search_terms.update(_search_figures(search["rows"], f"rep{rep}_", figures))
         if "overhead" in cfg.parts:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             overhead = measure_overhead(
@@ -335,16 +337,83 @@ def run_tune_bench(cfg: TuneBenchConfig, store_root: str | None = None) -> dict[
             ray.shutdown()
         if started_store is not None:
             started_store.down()
+    terms = {**search_terms, **terms}
     ratios = ratios_of(figures, terms, digits=4)
+    spread = ratio_spread(ratios, cfg.repetitions) if search_terms else {}
     if ratios:
         print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    if spread:
+        print(f"\nover {cfg.repetitions} repetitions (seeds {cfg.seed}..{cfg.seed + cfg.repetitions - 1}):")
+        print(f"{'ratio':<42}{'median':>9}{'min':>9}{'max':>9}{'measured':>10}")
+        for name, stat in spread.items():
+            cells = "".join("        -" if stat[k] is None else f"{stat[k]:>9.4f}" for k in ("median", "min", "max"))
+            print(f"{name:<42}{cells}{stat['measured']:>6} of {len(stat['values'])}")
     return {
         "bench": "tune",
         "config": {**_plain(cfg), "cores": os.cpu_count()},
         "figures": figures,
         "ratios": ratios,
         "ratio_of": ratio_terms(terms),
+        "ratio_spread": spread,
     }
+
+
+SEARCH_LABELS = {"grid": "grid (FIFO)", "asha": "ASHA (same grid)", "random": "random (FIFO, ASHA's budget)"}
+
+
+def _search_table(cfg: TuneBenchConfig, search: dict[str, Any], rep: int, seed: int) -> None:
+    print(
+        f"\nrepetition {rep} (seed {seed}): search over {search['configs']} configurations x {cfg.epochs} epochs; "
+        f"target = within {100 * cfg.tolerance:g}% of the grid's best = {search['target']:.4f}"
+    )
+    print(f"{'sweep':<28}{'trials':>7}{'trial-epochs':>14}{'stopped':>9}{'best':>9}{'epochs to target':>18}")
+    for name, row in search["rows"].items():
+        reached = "not reached" if row["epochs_to_target"] is None else str(row["epochs_to_target"])
+        best = "-" if row["best"] is None else f"{row['best']:.4f}"
+        print(
+            f"{SEARCH_LABELS[name]:<28}{row['trials']:>7}{row['trial_epochs']:>14}{row['stopped_early']:>9}"
+            f"{best:>9}{reached:>18}"
+        )
+
+
+def _search_figures(
+    rows: dict[str, dict[str, Any]], prefix: str, figures: dict[str, dict[str, Any]]
+) -> dict[str, tuple[str, str]]:
+    """Add one repetition's figures (names starting with `prefix`) to `figures`; return its ratio terms."""
+    terms: dict[str, tuple[str, str]] = {}
+    for name, row in rows.items():
+        figures[f"{prefix}{name}_trials"] = {"value": row["trials"], "unit": "trials"}
+        figures[f"{prefix}{name}_best_objective"] = {"value": row["best"], "unit": "objective"}
+        figures[f"{prefix}{name}_trial_epochs"] = {"value": row["trial_epochs"], "unit": "trial-epochs"}
+        figures[f"{prefix}{name}_trial_epochs_to_target"] = {"value": row["epochs_to_target"], "unit": "trial-epochs"}
+    for name in ("asha", "random"):
+        # Every repetition names the same ratios, so their spread is over all of them (None when the
+        # sweep reported no objective).
+        terms[f"{prefix}{name}_best_vs_grid_best"] = (f"{prefix}{name}_best_objective", f"{prefix}grid_best_objective")
+        # None when the sweep never reached the target: it needed more than it was given.
+        terms[f"{prefix}{name}_epochs_to_target_vs_grid_epochs"] = (
+            f"{prefix}{name}_trial_epochs_to_target",
+            f"{prefix}grid_trial_epochs",
+        )
+    return terms
+
+
+def ratio_spread(ratios: dict[str, float | None], repetitions: int) -> dict[str, dict[str, Any]]:
+    """For each search ratio ``rep<i>_<name>``: {values (per repetition, None where unmeasured),
+    measured (how many have a value), median, min, max (over those; None when none has)}."""
+    names = sorted({key.split("_", 1)[1] for key in ratios if key.startswith("rep0_")})
+    spread = {}
+    for name in names:
+        values = [ratios.get(f"rep{i}_{name}") for i in range(repetitions)]
+        measured = [v for v in values if v is not None]
+        spread[name] = {
+            "values": values,
+            "measured": len(measured),
+            "median": round(statistics.median(measured), 4) if measured else None,
+            "min": min(measured, default=None),
+            "max": max(measured, default=None),
+        }
+    return spread
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
