@@ -90,6 +90,25 @@ def test_ray_data_streams_every_row_as_model_batches(dataset, ray_local):
     assert seen == result.rows["train"]
 
 
+def test_ray_data_batches_hold_what_local_batches_hold(dataset, ray_local):
+    """The fused read+decode tasks give every sample the arrays `iter_local_batches` gives it."""
+    uri, _ = dataset
+    info = open_dataset(uri)
+    ds = stream_split(info, "train", DATA, extra_columns=("sample_id",))
+    ray_rows, local_rows = {}, {}
+    for rows, batches in (
+        (ray_rows, ds.iter_batches(batch_size=DATA.batch_size)),
+        (local_rows, iter_local_batches(info, "train", DATA, extra_columns=("sample_id",))),
+    ):
+        for batch in batches:
+            for i, sample_id in enumerate(batch["sample_id"]):
+                rows[str(sample_id)] = {k: batch[k][i] for k in ("image", "report_ids", "findings_ids", "class_boxes")}
+    assert ray_rows.keys() == local_rows.keys()
+    for sample_id, arrays in local_rows.items():
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(ray_rows[sample_id][key], value, err_msg=f"{sample_id} {key}")
+
+
 def test_ray_train_shards_split_the_rows(dataset, ray_local):
     uri, result = dataset
     ds = stream_split(open_dataset(uri), "train", DATA)

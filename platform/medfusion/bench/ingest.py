@@ -1,18 +1,26 @@
 """`medfusion bench ingest`: the Ray Data pipeline vs a plain PyTorch DataLoader vs the decode ceiling.
 
 All three do the same work per sample (PNG decode, resize, normalize, tokenize: `collate`) on the
-same shards in the local S3 store, in one run:
+same shards in the local S3 store, in one run, with the same number of decode processes
+(`loader_workers`: Ray is started with that many CPUs):
 
-(a) Ray Data: `read_parquet` + `map_batches(preprocess_rows)`, streamed with `iter_batches`.
+(a) Ray Data: `stream_split` (`read_parquet` + `map_batches(preprocess_rows)`), streamed with `iter_batches`.
 (b) A `torch.utils.data.DataLoader` with `loader_workers` processes, each reading whole shards.
-(c) The decode ceiling: a tight `preprocess` loop over image bytes already in memory, times cores.
+(c) The decode ceiling: a tight `preprocess` loop over image bytes already in memory, times processes.
 
-Memory: peak RSS of the driver and every process it started (Ray's raylet and workers included),
-streaming N and then 4N samples; bounded streaming keeps the two close.
+The data: generated synthetic shards, or an existing dataset (`dataset_uri`, e.g. a `data ingest`
+of real radiographs) whose split is streamed as many times over as it takes to reach `samples`.
+Each pipeline is built once and run twice, as a training run does epochs: the first (cold) pass
+includes Ray's worker start and imports, the second (warm) one is the throughput measured. Memory:
+peak RSS of the driver and every process it started (Ray's raylet and workers included), streaming
+N and then 4N samples; bounded streaming keeps the two close.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 import os
 import threading
 import time
@@ -21,7 +29,7 @@ from typing import Any
 
 from medfusion import storage
 from medfusion.bench.record import ratio_terms, ratios_of
-from medfusion.config import DataConfig, PrepareConfig, SplitConfig, SynthConfig, check
+from medfusion.config import SPLITS, DataConfig, PrepareConfig, SplitConfig, SynthConfig, check
 
 
 @dataclass
@@ -29,21 +37,28 @@ class IngestBenchConfig:
     """`medfusion bench ingest`: Ray Data vs a plain DataLoader vs the decode ceiling."""
 
     samples: int = 2000
-    """N: samples in the dataset measured (the RSS check also streams 4N)."""
+    """N: samples streamed per pass (the RSS check also streams 4N); with dataset_uri, the split's
+    rows times the passes over it that reach N."""
     data_uri: str = ""
-    """Dataset root to write the benchmark shards to (default: s3://medfusion/bench/ingest on the local store)."""
+    """Dataset root to write the synthetic shards to (default: s3://medfusion/bench/ingest on the local store)."""
+    dataset_uri: str = ""
+    """Bench this existing dataset (`data ingest`/`data synth` output) instead of generating synthetic shards."""
+    split: str = "train"
+    """dataset_uri: the split streamed."""
     batch_size: int = 64
     """Batch size of both pipelines."""
     image_size: int = 128
-    """Stored and model image side."""
+    """Model image side (and the stored side of the synthetic shards)."""
     loader_workers: int = 2
-    """Worker processes of the baseline DataLoader."""
+    """Decode processes of each pipeline: the DataLoader's workers, Ray's CPUs."""
     shard_size_mb: float = 8.0
     """Shard size of the generated dataset (small so that there are several shards to parallelize)."""
 
     def __post_init__(self) -> None:
         check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.loader_workers >= 1, "loader_workers", f"must be >= 1, got {self.loader_workers}")
+        check(self.split in SPLITS, "split", f"must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
 
 class _RssSampler:
@@ -97,29 +112,51 @@ def _make_dataset(uri: str, samples: int, cfg: IngestBenchConfig) -> None:
     run_prepare(prepare, show_progress=True)
 
 
-def _ray_data(info, data_cfg: DataConfig) -> dict[str, float]:
-    from medfusion.data.dataset import stream_split
+def _repeated(info, split: str, times: int):
+    """`info` with `split` listing its shards `times` over: N and 4N samples from one dataset."""
+    manifest = copy.deepcopy(info.manifest)
+    entry = manifest["splits"][split]
+    entry["shards"] = entry["shards"] * times
+    entry["rows"] = entry["rows"] * times
+    return dataclasses.replace(info, manifest=manifest)
 
-    start = time.perf_counter()
+
+def _stream(batches, start: float) -> dict[str, float]:
+    """Drain `batches`: samples, seconds and time to the first batch, all from `start`."""
     first = None
     count = 0
-    with _RssSampler() as rss:
-        ds = stream_split(info, "train", data_cfg)
-        for batch in ds.iter_batches(batch_size=data_cfg.batch_size, prefetch_batches=data_cfg.columns_prefetch):
-            if first is None:
-                first = time.perf_counter() - start
-            count += len(batch["image"])
+    for batch in batches:
+        if first is None:
+            first = time.perf_counter() - start
+        count += len(batch["image"])
     elapsed = time.perf_counter() - start
-    return {"samples": count, "seconds": elapsed, "first_batch_s": first or elapsed, "peak_rss": rss.peak}
+    return {"samples": count, "seconds": elapsed, "first_batch_s": first or elapsed}
+
+
+def _ray_data(info, split: str, data_cfg: DataConfig, passes: int) -> list[dict[str, float]]:
+    """`passes` passes over one `stream_split` pipeline (built in the first), each with its peak RSS."""
+    from medfusion.data.dataset import stream_split
+
+    results = []
+    ds = None
+    for _ in range(passes):
+        with _RssSampler() as rss:
+            start = time.perf_counter()
+            ds = ds if ds is not None else stream_split(info, split, data_cfg)
+            result = _stream(
+                ds.iter_batches(batch_size=data_cfg.batch_size, prefetch_batches=data_cfg.columns_prefetch), start
+            )
+        results.append({**result, "peak_rss": rss.peak})
+    return results
 
 
 class _ShardStream:
     """An IterableDataset over shard URIs: each DataLoader worker takes every k-th shard."""
 
-    def __init__(self, info, data_cfg: DataConfig) -> None:
+    def __init__(self, info, split: str, data_cfg: DataConfig) -> None:
         from medfusion.data.dataset import collate_kwargs
 
-        self.uris = info.shard_uris("train")
+        self.uris = info.shard_uris(split)
         self.kwargs = collate_kwargs(info, data_cfg)
         self.batch_size = data_cfg.batch_size
 
@@ -140,7 +177,8 @@ class _ShardStream:
                 yield collate(batch.to_pydict(), **self.kwargs)
 
 
-def _dataloader(info, data_cfg: DataConfig, workers: int) -> dict[str, float]:
+def _dataloader(info, split: str, data_cfg: DataConfig, workers: int, passes: int) -> list[dict[str, float]]:
+    """`passes` passes (epochs) over one DataLoader, built in the first."""
     import torch.utils.data
 
     class _Iterable(torch.utils.data.IterableDataset):
@@ -150,28 +188,29 @@ def _dataloader(info, data_cfg: DataConfig, workers: int) -> dict[str, float]:
         def __iter__(self):
             return iter(self.stream)
 
-    loader = torch.utils.data.DataLoader(
-        _Iterable(_ShardStream(info, data_cfg)), batch_size=None, num_workers=workers, prefetch_factor=2
-    )
-    start = time.perf_counter()
-    first = None
-    count = 0
-    for batch in loader:
-        if first is None:
-            first = time.perf_counter() - start
-        count += len(batch["image"])
-    elapsed = time.perf_counter() - start
-    return {"samples": count, "seconds": elapsed, "first_batch_s": first or elapsed}
+    results = []
+    loader = None
+    for _ in range(passes):
+        start = time.perf_counter()
+        loader = (
+            loader
+            if loader is not None
+            else torch.utils.data.DataLoader(
+                _Iterable(_ShardStream(info, split, data_cfg)), batch_size=None, num_workers=workers, prefetch_factor=2
+            )
+        )
+        results.append(_stream(loader, start))
+    return results
 
 
-def _decode_ceiling(info, data_cfg: DataConfig, limit: int) -> dict[str, float]:
+def _decode_ceiling(info, split: str, data_cfg: DataConfig, limit: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     from medfusion.data.batches import collate
     from medfusion.data.dataset import MODEL_COLUMNS, collate_kwargs
 
     rows: dict[str, list] = {c: [] for c in MODEL_COLUMNS}
-    for uri in info.shard_uris("train"):
+    for uri in info.shard_uris(split):
         fs, path = storage.filesystem(uri)
         table = pq.read_table(path, columns=MODEL_COLUMNS, filesystem=fs).to_pydict()
         for c in MODEL_COLUMNS:
@@ -188,11 +227,37 @@ def _decode_ceiling(info, data_cfg: DataConfig, limit: int) -> dict[str, float]:
     return {"samples": n, "seconds": elapsed}
 
 
+def _datasets(cfg: IngestBenchConfig):
+    """(N-sample info, 4N-sample info, split, the `dataset` field of the record)."""
+    from medfusion.data.dataset import open_dataset
+
+    if cfg.dataset_uri:
+        base, split = open_dataset(cfg.dataset_uri), cfg.split
+        if not base.rows(split):
+            raise ValueError(f"dataset_uri: {cfg.dataset_uri} has no rows in split {split!r}")
+        repeats = math.ceil(cfg.samples / base.rows(split))
+        described = {"uri": cfg.dataset_uri, "source": base.manifest.get("source", {}).get("type")}
+    else:
+        base_uri = cfg.data_uri or "s3://medfusion/bench/ingest"
+        uri = f"{base_uri}/n{cfg.samples}"
+        _make_dataset(uri, cfg.samples, cfg)
+        base, split, repeats = open_dataset(uri), "train", 1
+        described = {"uri": uri, "source": "synthetic"}
+    described.update(
+        version=base.version,
+        split=split,
+        rows=base.rows(split),
+        shards=len(base.shard_uris(split)),
+        passes_per_n=repeats,
+    )
+    return _repeated(base, split, repeats), _repeated(base, split, 4 * repeats), split, described
+
+
 def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> dict[str, Any]:
     """Run the three measurements and return the benchmark JSON object (DESIGN.md)."""
     import ray
 
-    from medfusion.data.dataset import open_dataset, quiet_ray_data
+    from medfusion.data.dataset import quiet_ray_data
 
     started_store = None
     if not cfg.data_uri and not os.environ.get("AWS_ENDPOINT_URL"):
@@ -201,19 +266,15 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
         store = Store(store_root or DEFAULT_ROOT)
         started_store = None if store.running() else store
         os.environ.update(store.up().env())
-    base_uri = cfg.data_uri or "s3://medfusion/bench/ingest"
-    cores = os.cpu_count() or 1
+    processes = cfg.loader_workers
     data_cfg = DataConfig(image_size=cfg.image_size, batch_size=cfg.batch_size)
+    info_n, info_4n, split, dataset = _datasets(cfg)
 
-    uris = {n: f"{base_uri}/n{n}" for n in (cfg.samples, 4 * cfg.samples)}
-    for n, uri in uris.items():
-        _make_dataset(uri, n, cfg)
-    info_n, info_4n = open_dataset(uris[cfg.samples]), open_dataset(uris[4 * cfg.samples])
-
-    # address="local": a new embedded Ray even when `ray start` left a cluster on this machine.
+    # address="local": a new embedded Ray even when `ray start` left a cluster on this machine. As
+    # many CPUs as the DataLoader has workers: the same number of decode processes on each side.
     ray.init(
         address="local",
-        num_cpus=cores,
+        num_cpus=processes,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
@@ -221,33 +282,42 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     )
     quiet_ray_data()
     try:
-        ray_data_warm = _ray_data(info_n, data_cfg)  # warm-up: worker start, imports
-        ray_data = _ray_data(info_n, data_cfg)
-        ray_data_4n = _ray_data(info_4n, data_cfg)
+        ray_cold, ray_data = _ray_data(info_n, split, data_cfg, passes=2)
+        (ray_data_4n,) = _ray_data(info_4n, split, data_cfg, passes=1)
     finally:
         ray.shutdown()
-    with _RssSampler():
-        loader = _dataloader(info_n, data_cfg, cfg.loader_workers)
-    ceiling_one_core = _decode_ceiling(info_n, data_cfg, limit=min(cfg.samples, 1000))
+    loader_cold, loader = _dataloader(info_n, split, data_cfg, processes, passes=2)
+    ceiling_one = _decode_ceiling(info_n, split, data_cfg, limit=min(info_n.rows(split), 1000))
 
     a = ray_data["samples"] / ray_data["seconds"]
     b = loader["samples"] / loader["seconds"]
-    c = ceiling_one_core["samples"] / ceiling_one_core["seconds"] * cores
+    c = ceiling_one["samples"] / ceiling_one["seconds"] * processes
     mib = 2**20
     figures = {
         "ray_data_samples_per_s": {"value": round(a, 1), "unit": "samples/s"},
         "dataloader_samples_per_s": {"value": round(b, 1), "unit": "samples/s"},
         "decode_ceiling_samples_per_s": {"value": round(c, 1), "unit": "samples/s"},
         "ray_data_first_batch_s": {"value": round(ray_data["first_batch_s"], 3), "unit": "s"},
-        "ray_data_cold_first_batch_s": {"value": round(ray_data_warm["first_batch_s"], 3), "unit": "s"},
+        "ray_data_cold_first_batch_s": {"value": round(ray_cold["first_batch_s"], 3), "unit": "s"},
         "dataloader_first_batch_s": {"value": round(loader["first_batch_s"], 3), "unit": "s"},
+        "dataloader_cold_first_batch_s": {"value": round(loader_cold["first_batch_s"], 3), "unit": "s"},
+        "ray_data_cold_samples_per_s": {
+            "value": round(ray_cold["samples"] / ray_cold["seconds"], 1),
+            "unit": "samples/s",
+        },
+        "dataloader_cold_samples_per_s": {
+            "value": round(loader_cold["samples"] / loader_cold["seconds"], 1),
+            "unit": "samples/s",
+        },
         "ray_data_peak_rss_n": {"value": round(ray_data["peak_rss"] / mib, 1), "unit": "MiB"},
         "ray_data_peak_rss_4n": {"value": round(ray_data_4n["peak_rss"] / mib, 1), "unit": "MiB"},
-        # What each pipeline read: (a) and (b) the same N samples, (c) at most 1000 of them.
+        # What each pass read: (a) and (b) the same N samples cold and warm, (c) at most 1000 of them.
         "ray_data_samples": {"value": ray_data["samples"], "unit": "samples"},
+        "ray_data_cold_samples": {"value": ray_cold["samples"], "unit": "samples"},
         "ray_data_4n_samples": {"value": ray_data_4n["samples"], "unit": "samples"},
         "dataloader_samples": {"value": loader["samples"], "unit": "samples"},
-        "decode_ceiling_samples": {"value": ceiling_one_core["samples"], "unit": "samples"},
+        "dataloader_cold_samples": {"value": loader_cold["samples"], "unit": "samples"},
+        "decode_ceiling_samples": {"value": ceiling_one["samples"], "unit": "samples"},
     }
     terms = {
         "ray_data_vs_dataloader": ("ray_data_samples_per_s", "dataloader_samples_per_s"),
@@ -255,20 +325,28 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
         "rss_4n_vs_n": ("ray_data_peak_rss_4n", "ray_data_peak_rss_n"),
     }
     ratios = ratios_of(figures, terms)
-    print(f"{'pipeline':<28}{'samples/s':>12}{'first batch s':>15}{'peak RSS MiB':>14}")
-    print(f"{'(a) Ray Data':<28}{a:>12.1f}{ray_data['first_batch_s']:>15.3f}{ray_data['peak_rss'] / mib:>14.1f}")
+    print(f"dataset {dataset['uri']} ({dataset['source']}), split {split}: {info_n.rows(split)} samples per pass")
+    print(f"{'pipeline':<28}{'samples/s':>12}{'cold first s':>14}{'warm first s':>14}{'peak RSS MiB':>14}")
     print(
-        f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}"
-        f"{ray_data_4n['first_batch_s']:>15.3f}{ray_data_4n['peak_rss'] / mib:>14.1f}"
+        f"{'(a) Ray Data':<28}{a:>12.1f}{ray_cold['first_batch_s']:>14.3f}{ray_data['first_batch_s']:>14.3f}"
+        f"{ray_data['peak_rss'] / mib:>14.1f}"
     )
-    print(f"{f'(b) DataLoader x{cfg.loader_workers}':<28}{b:>12.1f}{loader['first_batch_s']:>15.3f}{'':>14}")
-    print(f"{f'(c) decode ceiling x{cores}':<28}{c:>12.1f}")
+    print(
+        f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}{'':>14}"
+        f"{ray_data_4n['first_batch_s']:>14.3f}{ray_data_4n['peak_rss'] / mib:>14.1f}"
+    )
+    print(
+        f"{f'(b) DataLoader x{processes}':<28}{b:>12.1f}{loader_cold['first_batch_s']:>14.3f}"
+        f"{loader['first_batch_s']:>14.3f}"
+    )
+    print(f"{f'(c) decode ceiling x{processes}':<28}{c:>12.1f}")
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     if started_store is not None:
         started_store.down()
     return {
         "bench": "ingest",
-        "config": {**asdict(cfg), "cores": cores},
+        "config": {**asdict(cfg), "cores": os.cpu_count() or 1, "decode_processes": processes},
+        "dataset": dataset,
         "figures": figures,
         "ratios": ratios,
         "ratio_of": ratio_terms(terms),

@@ -3,7 +3,8 @@
 `open_dataset` is the one place that knows the layout; everything downstream (training workers,
 evaluation, benchmarks) gets shard URIs, class names and the tokenizer from the `DatasetInfo` it
 returns. `stream_split` builds the Ray Data pipeline: `read_parquet` with column projection, then
-decode, resize, normalize and tokenize in `map_batches`, streamed with bounded memory.
+decode, resize, normalize and tokenize in `map_batches`, fused into one task per shard and streamed
+with bounded memory.
 """
 
 from __future__ import annotations
@@ -228,13 +229,15 @@ def preprocess_rows(
     return {k: v for k, v in batch.items() if k in BATCH_KEYS or k in passthrough}
 
 
-def _read_parquet(paths: list[str], fs: Any) -> ray.data.Dataset:
-    """`ray.data.read_parquet` through Ray Data's file-based (V1) Parquet reader.
+def _read_parquet(paths: list[str], fs: Any, columns: list[str]) -> ray.data.Dataset:
+    """`ray.data.read_parquet` of `columns`, one read task per shard, through Ray Data's file-based
+    (V1) Parquet reader.
 
-    Ray 2.60's default DataSourceV2 reader packs a few shards of several MB into one read task and
-    one map task, so nothing runs in parallel and each epoch waits for a whole task before its first
-    batch. The V1 reader makes a read task per shard and splits blocks, so decoding starts on every
-    core at once (README, "Benchmarks", has the figures). The choice is made when the read is
+    Ray 2.60's default DataSourceV2 reader packs a few shards of several MB into one read task, so
+    nothing runs in parallel. With one task per shard and no block splitting (`override_num_blocks`
+    equal to the shard count), the read fuses with the `map_batches` that follows: each shard is
+    read and decoded in one task, with no read task holding a CPU while it waits for its blocks to
+    be consumed (README, "Benchmarks", has the figures). The reader is chosen when the read is
     planned, so the flag is restored right after.
     """
     import ray.data
@@ -243,9 +246,16 @@ def _read_parquet(paths: list[str], fs: Any) -> ray.data.Dataset:
     default = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(paths, filesystem=fs, shuffle=None)
+        return ray.data.read_parquet(
+            paths, filesystem=fs, columns=columns, shuffle=None, override_num_blocks=len(paths)
+        )
     finally:
         ctx.use_datasource_v2 = default
+
+
+# Blocks a running map task may have produced and not yet handed over (Ray's default is 4): a
+# shard's task yields all its model batches without pausing for the driver to catch up.
+STREAMING_BLOCKS_PER_TASK = 16
 
 
 def stream_split(
@@ -258,10 +268,11 @@ def stream_split(
     seed: int | None = None,
     concurrency: int | None = None,
 ) -> ray.data.Dataset:
-    """A Ray Data pipeline over one split: read_parquet (projected columns) -> map_batches(preprocess_rows).
+    """A Ray Data pipeline over one split: read_parquet (projected columns) -> map_batches(preprocess_rows),
+    fused into one task per shard that yields blocks of `data_cfg.batch_size` model rows.
 
-    `training` enables note dropout (data_cfg.report_dropout). `concurrency` caps the preprocessing
-    tasks in flight (default: as many as there are CPUs). Call `ray.init` before.
+    `training` enables note dropout (data_cfg.report_dropout). `concurrency` caps the shard tasks in
+    flight (default: as many as there are CPUs). Call `ray.init` before.
     """
     import ray.data
 
@@ -275,8 +286,7 @@ def stream_split(
     columns = info.model_columns + [c for c in extra_columns if c not in info.model_columns]
     if (dropout > 0.0 or augmenting) and "sample_id" not in columns:
         columns.append("sample_id")
-    ds = _read_parquet(paths, fs).select_columns(columns)
-    return ds.map_batches(
+    ds = _read_parquet(paths, fs, columns).map_batches(
         preprocess_rows,
         fn_kwargs={
             "tokenizer_json": info.tokenizer.to_json(),
@@ -292,11 +302,27 @@ def stream_split(
             "seed": seed,
             "passthrough": tuple(extra_columns),
         },
-        batch_size=data_cfg.batch_size,
+        # A whole read block per call: a batch size here would stop the read from fusing with the map.
+        batch_size=None,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
         zero_copy_batch=True,
     )
+    # Fused into the map task: its output leaves as blocks of one batch, so `iter_batches` re-batches nothing.
+    ds = ds.repartition(target_num_rows_per_block=data_cfg.batch_size)
+    # This dataset's own context (not the process-wide one). The resource reservation splits the
+    # CPUs between operators from limits that Ray's autoscaling coordinator reports only about a
+    # second into each execution: until then one task runs at a time, most of an epoch of a few
+    # thousand samples.
+    ds.context.op_resource_reservation_enabled = False
+    ds.context._max_num_blocks_in_streaming_gen_buffer = STREAMING_BLOCKS_PER_TASK
+    # Read blocks of about one batch of stored rows (Ray's default is 128 MiB: a whole shard), so
+    # that a task yields its first model batch after decoding one batch, not its whole shard.
+    shards = info.manifest["splits"][split]["shards"]
+    stored_row_bytes = sum(s.get("bytes", 0) for s in shards) / max(1, sum(s["rows"] for s in shards))
+    if stored_row_bytes:
+        ds.context.target_max_block_size = max(1, int(stored_row_bytes * data_cfg.batch_size))
+    return ds
 
 
 def quiet_ray_data() -> None:
