@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from fitting import train_epochs
 
 from medfusion.data.tokenizer import EOS_ID
 from medfusion.models import create_model, cxcywh_to_xyxy, paired_iou
+from medfusion.models.fitting import train_epochs
 
 TRAIN, TEST = 300, 60
 EPOCHS, BATCH, LR = 18, 32, 3e-3

@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
-from fitting import train_epochs
 
 from medfusion.metrics import classification_metrics
 from medfusion.models import create_model
+from medfusion.models.fitting import train_epochs
 from medfusion.models.model import finding_boxes
 from medfusion.orchestration.gate import quality_gate
 from medfusion.orchestration.pipeline import PipelineConfig

@@ -321,6 +321,7 @@ def write_trained_export(uri: str, settings: Mapping[str, Any]) -> str:
     from medfusion.export import export_model
     from medfusion.loader import preset_values
     from medfusion.models import create_model, to_tensors
+    from medfusion.models.fitting import train_epochs
 
     preset, rows, epochs = settings["preset"], int(settings["samples"]), int(settings["epochs"])
     batch_size, lr = int(settings["batch_size"]), float(settings["lr"])
@@ -345,20 +346,7 @@ def write_trained_export(uri: str, settings: Mapping[str, Any]) -> str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * -(-rows // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    losses: list[float] = []
-    model.train()
-    for _ in range(epochs):
-        order, epoch_losses = torch.randperm(rows), []
-        for start in range(0, rows, batch_size):
-            batch = {k: v[order[start : start + batch_size]] for k, v in train.items()}
-            total, _ = model.loss(batch, model(batch))
-            optimizer.zero_grad()
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            epoch_losses.append(total.item())
-        losses.append(sum(epoch_losses) / len(epoch_losses))
+    losses = train_epochs(model, train, epochs=epochs, batch_size=batch_size, optimizer=optimizer, schedule=schedule)
     export_model(
         model.eval(),
         uri,

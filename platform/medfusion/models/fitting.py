@@ -1,4 +1,5 @@
-"""The in-process training loop of the quick fits (test_fit, test_quality): no Ray, no engine."""
+"""The in-process training loop of the quick fits (`medfusion bench serve`'s cached export, and the
+tests' test_fit and test_quality): no Ray, no engine, no data pipeline; tensors already in memory."""
 
 from __future__ import annotations
 
