@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfusion.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, normalize, resize
+from medfusion.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize
 from medfusion.data.tokenizer import Tokenizer, split_words
 from medfusion.export import LoadedExport, load_export
 from medfusion.models import MedFusionModel, cxcywh_to_xyxy, to_tensors
@@ -157,7 +157,7 @@ class Predictor:
     # ---------------------------------------------------------------- inputs
 
     def _image(self, index: int, data: Any) -> tuple[np.ndarray, tuple[int, int]]:
-        """Encoded bytes -> model input (1, S, S) and the original (height, width)."""
+        """Encoded bytes -> the batch's uint8 (1, S, S) pixels and the original (height, width)."""
         if isinstance(data, (bytearray, memoryview, np.bytes_)):
             data = bytes(data)
         if not isinstance(data, bytes):
@@ -166,7 +166,7 @@ class Predictor:
             gray = decode_image(data, self.max_pixels)
         except ImageDecodeError as err:
             raise PredictError(index, f"image: {err}") from err
-        return normalize(resize(gray, self.image_size)), (int(gray.shape[0]), int(gray.shape[1]))
+        return resize(gray, self.image_size)[None], (int(gray.shape[0]), int(gray.shape[1]))
 
     def _note_words(self, index: int, report: Any) -> list[str]:
         if report is None:

@@ -143,3 +143,18 @@ def test_fast_enough_at_256_px():
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"data.augment.{field}: must be in"):
         AugmentConfig(**{field: value})
+
+
+def test_uint8_batches_get_the_same_transform_rounded():
+    """A collated batch carries uint8 grey levels: the same draw moves them as it moves the normalized
+    floats, and they come back uint8 within one grey level of the float path."""
+    grey = (np.random.default_rng(3).uniform(0.0, 1.0, size=(SIDE, SIDE)) * 255).round().astype(np.uint8)
+    boxes = np.array([[0.3, 0.3, 0.6, 0.5]], dtype=np.float32)
+    as_float = ((grey.astype(np.float32) / 255.0 - MEAN) / STD)[None]
+    for seed in range(5):
+        quantized, moved = augment(grey[None], boxes, np.random.default_rng(seed), EVERYTHING)
+        floating, moved_float = augment(as_float, boxes, np.random.default_rng(seed), EVERYTHING)
+        assert quantized.dtype == np.uint8 and quantized.shape == (1, SIDE, SIDE)
+        np.testing.assert_array_equal(moved, moved_float)
+        expected = np.clip(floating[0] * STD + MEAN, 0.0, 1.0) * 255.0
+        assert np.abs(quantized[0].astype(np.float32) - expected).max() <= 0.5 + 1e-3

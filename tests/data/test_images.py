@@ -29,7 +29,8 @@ from medfusion.data.images import (
     UnsupportedImageError,
     decode_image,
     encode_png,
-    preprocess,
+    normalize,
+    pixels,
     read_dicom_header,
     resize,
     sniff_format,
@@ -434,9 +435,11 @@ def test_encode_png_round_trips():
 
 
 @pytest.mark.parametrize("size", [16, 48, 100])
-def test_resize_and_preprocess_shapes(size):
+def test_resize_pixels_and_normalize_shapes(size):
     assert resize(RAMP, size).shape == (size, size)
-    x = preprocess(GOOD[0][1], size)
+    grey = pixels(GOOD[0][1], size)
+    assert grey.shape == (size, size) and grey.dtype == np.uint8
+    x = normalize(grey)
     assert x.shape == (1, size, size) and x.dtype == np.float32
 
 

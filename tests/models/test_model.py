@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
 from medfusion.config import FUSIONS, ConfigError, ModelConfig
+from medfusion.data.images import normalize
 from medfusion.data.tokenizer import EOS_ID, PAD_ID
 from medfusion.models import (
     MODEL_REGISTRY,
@@ -19,6 +21,7 @@ from medfusion.models import (
     paired_giou,
     paired_iou,
     preset_config,
+    to_tensors,
     xyxy_to_cxcywh,
 )
 from medfusion.models.heads import _regions_inside, box_losses
@@ -171,6 +174,15 @@ def test_beam_search_prefers_the_likelier_sequence():
     regions, fused = torch.zeros(1, 2, 4), torch.zeros(1, 4)
     assert decoder.greedy(regions, fused, 2).tolist() == [[4, 3]]
     assert decoder.beam_search(regions, fused, 2, 2).tolist() == [[5, 3]]
+
+
+def test_to_tensors_normalizes_uint8_pixels_as_images_normalize_does():
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    tensors = to_tensors({"image": grey[None, None], "labels": np.zeros((1, 2), np.float32)})
+    assert tensors["image"].dtype == torch.float32
+    np.testing.assert_array_equal(tensors["image"][0].numpy(), normalize(grey))
+    as_is = torch.randn(1, 1, 16, 16)
+    assert torch.equal(to_tensors({"image": as_is})["image"], as_is)  # floats are normalized already
 
 
 @pytest.mark.parametrize("multi_label", [False, True])

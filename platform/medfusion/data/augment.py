@@ -85,18 +85,21 @@ def augment(
     """One training image and its lesion boxes, transformed together.
 
     Args:
-        image: float32 (1, S, S), normalized as medfusion.data.images.normalize returns it.
+        image: (1, S, S), uint8 grey levels (a model batch's) or float32 normalized as
+            medfusion.data.images.normalize returns it.
         boxes: (K, 4) normalized xyxy, the image's real boxes only ((0, 4) when it has none).
         rng: the source of every random draw.
         settings: what to draw; `enabled=False` returns the inputs unchanged.
 
     Returns:
-        The image (float32 (1, S, S), same normalization, grey levels within [0, 1] before it) and
-        the boxes (K, 4) float32, moved with the pixels and clipped to [0, 1].
+        The image in the input's dtype and scale (grey levels clipped to [0, 1] before normalizing,
+        rounded for uint8) and the boxes (K, 4) float32, moved with the pixels and clipped to [0, 1].
     """
     if not settings.enabled:
         return image, boxes
-    grey = image[0].astype(np.float64) * STD + MEAN  # (S, S) grey levels in [0, 1]
+    quantized = image.dtype == np.uint8
+    # (S, S) grey levels in [0, 1]
+    grey = image[0] / 255.0 if quantized else image[0].astype(np.float64) * STD + MEAN
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     matrix = random_geometry(rng, settings)
     if matrix is not None:
@@ -105,5 +108,6 @@ def augment(
             grey, boxes = warp(grey, matrix), moved
     if rng.random() < settings.intensity_p:
         grey = jitter_intensity(np.clip(grey, 0.0, 1.0), rng, settings)
-    out = ((np.clip(grey, 0.0, 1.0) - MEAN) / STD).astype(np.float32)[None]
-    return out, boxes.astype(np.float32)
+    grey = np.clip(grey, 0.0, 1.0)
+    out = np.rint(grey * 255.0).astype(np.uint8) if quantized else ((grey - MEAN) / STD).astype(np.float32)
+    return out[None], boxes.astype(np.float32)

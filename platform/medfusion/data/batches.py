@@ -2,7 +2,9 @@
 
 A model batch is a dict of numpy arrays (torch tensors once on the worker):
 
-    image          float32 (B, 1, S, S)  normalized pixels (medfusion.data.images.normalize)
+    image          uint8   (B, 1, S, S)  grey levels; `medfusion.models.to_tensors` normalizes them
+                                         on the device (medfusion.data.images.normalize), so a batch
+                                         moves a quarter of the bytes of float32 pixels
     report_ids     int64   (B, Tr)       note tokens, <pad>=0; an all-pad row means "no note"
     findings_ids   int64   (B, Tf)       <bos> findings <eos> <pad>...
     labels         float32 (B, C)        multi-hot (exactly one 1 per row for single-label data)
@@ -26,7 +28,7 @@ import numpy as np
 
 from medfusion.config import AugmentConfig
 from medfusion.data.augment import augment
-from medfusion.data.images import preprocess
+from medfusion.data.images import pixels
 from medfusion.data.tokenizer import PAD_ID, Tokenizer
 
 BATCH_KEYS = (
@@ -41,6 +43,14 @@ BATCH_KEYS = (
     "report_present",
     "findings_present",
 )
+
+
+def row_nbytes(image_size: int, max_report_tokens: int, max_findings_tokens: int, num_classes: int) -> int:
+    """About the bytes of one row of a model batch (the arrays of BATCH_KEYS), the pixels most of it."""
+    pixels = image_size * image_size  # uint8
+    tokens = 8 * (max_report_tokens + max_findings_tokens + 2)  # int64, findings with <bos> <eos>
+    floats = 4 * (num_classes + 4 + 1 + 4 * num_classes + num_classes + 2)  # float32 labels, boxes, flags
+    return pixels + tokens + floats
 
 
 def collate(
@@ -62,9 +72,9 @@ def collate(
     together (medfusion.data.augment)."""
     images = list(rows["image"])
     n = len(images)
-    image = np.empty((n, 1, image_size, image_size), dtype=np.float32)
+    image = np.empty((n, 1, image_size, image_size), dtype=np.uint8)
     for i, data in enumerate(images):
-        image[i] = preprocess(bytes(data), image_size)
+        image[i, 0] = pixels(bytes(data), image_size)
 
     reports = [str(r or "") for r in rows["report"]]
     if report_dropout > 0.0:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from medfusion import storage
 from medfusion.config import AugmentConfig, DataConfig
-from medfusion.data.batches import BATCH_KEYS, collate
+from medfusion.data.batches import BATCH_KEYS, collate, row_nbytes
 from medfusion.data.schema import SCHEMA_VERSION, SPLITS, SUPPORTED_SCHEMA_VERSIONS
 from medfusion.data.shards import MANIFEST
 from medfusion.data.tokenizer import Tokenizer
@@ -316,12 +316,18 @@ def stream_split(
     # thousand samples.
     ds.context.op_resource_reservation_enabled = False
     ds.context._max_num_blocks_in_streaming_gen_buffer = STREAMING_BLOCKS_PER_TASK
-    # Read blocks of about one batch of stored rows (Ray's default is 128 MiB: a whole shard), so
-    # that a task yields its first model batch after decoding one batch, not its whole shard.
+    # Blocks of at most about one batch (Ray's default is 128 MiB: a whole shard), so that a task
+    # yields its first model batch after decoding one batch, not its whole shard. The one size
+    # bounds both the read's blocks (stored rows) and the map's output buffer (model rows): the
+    # smaller row sets it, or the buffer would hold several decoded batches back (512-px PNGs
+    # decoded to 256-px pixels are a third of their stored size).
     shards = info.manifest["splits"][split]["shards"]
     stored_row_bytes = sum(s.get("bytes", 0) for s in shards) / max(1, sum(s["rows"] for s in shards))
-    if stored_row_bytes:
-        ds.context.target_max_block_size = max(1, int(stored_row_bytes * data_cfg.batch_size))
+    model_row_bytes = row_nbytes(
+        data_cfg.image_size, data_cfg.max_report_tokens, data_cfg.max_findings_tokens, len(info.classes)
+    )
+    row_bytes = min(stored_row_bytes, model_row_bytes) if stored_row_bytes else model_row_bytes
+    ds.context.target_max_block_size = max(1, int(row_bytes * data_cfg.batch_size))
     return ds
 
 

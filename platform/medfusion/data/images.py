@@ -1,7 +1,8 @@
 """Decoding and preprocessing of images: one place for PNG, JPEG and DICOM.
 
 Ingest, the Ray Data reader, the predictor and the server all go through `decode_image` and
-`preprocess`, so training and inference see the same pixels.
+`resize` (`pixels`), and every model input through `normalize`'s arithmetic (done on the device by
+`medfusion.models.to_tensors`), so training and inference see the same pixels.
 """
 
 from __future__ import annotations
@@ -418,13 +419,14 @@ def resize(gray: np.ndarray, size: int) -> np.ndarray:
 
 
 def normalize(gray: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) -> float32 (1, H, W), zero-centred."""
+    """uint8 (H, W) -> float32 (1, H, W), zero-centred (what `medfusion.models.to_tensors` does to a
+    batch's uint8 pixels, on the device)."""
     return ((gray.astype(np.float32) / 255.0 - MEAN) / STD)[None]
 
 
-def preprocess(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> the model's float32 (1, size, size) input."""
-    return normalize(resize(decode_image(data, max_pixels), size))
+def pixels(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> the uint8 (size, size) grey levels a model batch carries."""
+    return resize(decode_image(data, max_pixels), size)
 
 
 def encode_png(gray: np.ndarray) -> bytes:

@@ -8,7 +8,7 @@ class) and findings generation (an LSTM decoder attending over image regions).
 
 The model is composed, not configured: `MedFusionModel` takes its parts as modules and plain
 numbers; `build_model(cfg, vocab_size, num_classes)` is the one place that reads a ModelConfig.
-Batches are the dicts of medfusion.data.batches (as tensors):
+Batches are the dicts of medfusion.data.batches as `to_tensors` gives them (the image normalized float):
 
     image (B, 1, S, S)  report_ids (B, Tr)  findings_ids (B, Tf)  labels (B, C)  box (B, 4)  has_box (B,)
     class_boxes (B, C, 4)  class_has_box (B, C)  findings_present (B,)
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from medfusion.config import ModelConfig
 from medfusion.data.batches import BATCH_KEYS
+from medfusion.data.images import MEAN, STD
 from medfusion.models.backbones import build_image_encoder
 from medfusion.models.decoder import FindingsDecoder
 from medfusion.models.fusion import build_fusion
@@ -222,13 +223,21 @@ def finding_boxes(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """The model keys of a numpy (or tensor) batch as tensors on `device`; other keys are dropped."""
+    """The model keys of a numpy (or tensor) batch as tensors on `device`; other keys are dropped.
+
+    A uint8 `image` (a collated batch's grey levels) is moved as bytes and normalized on `device`
+    (medfusion.data.images.normalize, the same float32 arithmetic); a floating one is taken as
+    normalized already.
+    """
     out: dict[str, Tensor] = {}
     for key in TENSOR_KEYS:
         if key in batch and batch[key] is not None:
             value = batch[key]
             tensor = value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))
             out[key] = tensor.to(device, non_blocking=True)
+    image = out.get("image")
+    if image is not None and image.dtype == torch.uint8:
+        out["image"] = (image.float() / 255.0 - MEAN) / STD
     return out
 
 
