@@ -12,7 +12,13 @@ from bench_invariants import check_counts, check_ratios
 
 pytestmark = pytest.mark.integration
 
-PASS_COUNTS = ["ray_data_samples", "ray_data_cold_samples", "dataloader_samples", "dataloader_cold_samples"]
+PASS_COUNTS = [
+    "ray_data_samples",
+    "ray_data_cold_samples",
+    "ray_data_rss_n_samples",
+    "dataloader_samples",
+    "dataloader_cold_samples",
+]
 
 
 def _bench(*settings: str) -> tuple[dict, str]:
@@ -28,7 +34,7 @@ def _bench(*settings: str) -> tuple[dict, str]:
 
 
 def test_bench_ingest_prints_its_json(s3_prefix):
-    result, stdout = _bench("--samples", "64", f"data_uri={s3_prefix}/bench", "shard_size_mb=0.05")
+    result, stdout = _bench("--samples", "64", f"data_uri={s3_prefix}/bench", "shard_size_mb=0.05", "passes=3")
     assert result["bench"] == "ingest" and result["config"]["samples"] == 64
     assert result["config"]["decode_processes"] == result["config"]["loader_workers"]
     assert result["dataset"]["uri"] == f"{s3_prefix}/bench/n64" and result["dataset"]["source"] == "synthetic"
@@ -51,6 +57,9 @@ def test_bench_ingest_prints_its_json(s3_prefix):
         "ray_data_vs_decode_ceiling": ["ray_data_samples_per_s", "decode_ceiling_samples_per_s"],
         "rss_4n_vs_n": ["ray_data_peak_rss_4n", "ray_data_peak_rss_n"],
     }
+    for name in ("ray_data_samples_per_s", "dataloader_samples_per_s"):  # the median of the warm passes
+        low, high = figures[name]["range"]
+        assert low <= figures[name]["value"] <= high, (name, figures[name])
     check_ratios(result)
     # every pass (cold and warm) read all 64 samples (the decode ceiling reads at most 1000), the 4N run 256
     check_counts(figures, [*PASS_COUNTS, "decode_ceiling_samples"], 64)

@@ -6,14 +6,18 @@ same shards in the local S3 store, in one run, with the same number of decode pr
 
 (a) Ray Data: `stream_split` (`read_parquet` + `map_batches(preprocess_rows)`), streamed with `iter_batches`.
 (b) A `torch.utils.data.DataLoader` with `loader_workers` processes, each reading whole shards.
-(c) The decode ceiling: a tight `preprocess` loop over image bytes already in memory, times processes.
+(c) The decode ceiling: a tight `collate` loop over shard rows already in memory, times processes.
 
 The data: generated synthetic shards, or an existing dataset (`dataset_uri`, e.g. a `data ingest`
 of real radiographs) whose split is streamed as many times over as it takes to reach `samples`.
-Each pipeline is built once and run twice, as a training run does epochs: the first (cold) pass
-includes Ray's worker start and imports, the second (warm) one is the throughput measured. Memory:
-peak RSS of the driver and every process it started (Ray's raylet and workers included), streaming
-N and then 4N samples; bounded streaming keeps the two close.
+The bench runs `rounds` rounds, each both pipelines in alternating order (a slow minute of a shared
+machine then falls on both sides). In a round each pipeline is built once and run 1 + `passes` times,
+as a training run does epochs: the first (cold) pass includes Ray's worker start and imports; the
+throughput reported is the median of all rounds' warm passes, with their range (one pass of 2000
+samples is about a second on 2 cores, and single passes differ by 20%, more than the gap measured).
+Memory (round 0): peak RSS of the driver and every process it started (Ray's raylet and workers
+included), in passes of their own streaming N and then 4N samples (the sampler's CPU stays out of the
+throughput); bounded streaming keeps the two close.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import copy
 import dataclasses
 import math
 import os
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -53,11 +58,20 @@ class IngestBenchConfig:
     """Decode processes of each pipeline: the DataLoader's workers, Ray's CPUs."""
     shard_size_mb: float = 8.0
     """Shard size of the generated dataset (small so that there are several shards to parallelize)."""
+    rounds: int = 3
+    """Rounds, each running both pipelines from cold (Ray started anew), in alternating order, so that
+    a slow minute of a shared machine falls on both sides."""
+    passes: int = 3
+    """Warm passes of N samples per pipeline and round, after its cold one. Throughput and first
+    batches are medians over the rounds' passes (a pass of 2000 samples takes about a second on 2
+    cores, and single passes of one pipeline differ by 20%)."""
 
     def __post_init__(self) -> None:
         check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.loader_workers >= 1, "loader_workers", f"must be >= 1, got {self.loader_workers}")
+        check(self.passes >= 1, "passes", f"must be >= 1, got {self.passes}")
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(self.split in SPLITS, "split", f"must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
 
@@ -134,20 +148,26 @@ def _stream(batches, start: float) -> dict[str, float]:
 
 
 def _ray_data(info, split: str, data_cfg: DataConfig, passes: int) -> list[dict[str, float]]:
-    """`passes` passes over one `stream_split` pipeline (built in the first), each with its peak RSS."""
+    """`passes` passes over one `stream_split` pipeline (built in the first)."""
     from medfusion.data.dataset import stream_split
 
     results = []
     ds = None
     for _ in range(passes):
-        with _RssSampler() as rss:
-            start = time.perf_counter()
-            ds = ds if ds is not None else stream_split(info, split, data_cfg)
-            result = _stream(
-                ds.iter_batches(batch_size=data_cfg.batch_size, prefetch_batches=data_cfg.columns_prefetch), start
-            )
-        results.append({**result, "peak_rss": rss.peak})
+        start = time.perf_counter()
+        ds = ds if ds is not None else stream_split(info, split, data_cfg)
+        results.append(
+            _stream(ds.iter_batches(batch_size=data_cfg.batch_size, prefetch_batches=data_cfg.columns_prefetch), start)
+        )
     return results
+
+
+def _ray_data_peak_rss(info, split: str, data_cfg: DataConfig) -> dict[str, float]:
+    """A pass of its own with the RSS sampler, so that no throughput pass pays for the sampling (a
+    thread in the consumer's process that walks Ray's whole process tree every 200 ms)."""
+    with _RssSampler() as rss:
+        (result,) = _ray_data(info, split, data_cfg, passes=1)
+    return {**result, "peak_rss": rss.peak}
 
 
 class _ShardStream:
@@ -203,6 +223,47 @@ def _dataloader(info, split: str, data_cfg: DataConfig, workers: int, passes: in
     return results
 
 
+def _ray_round(
+    info_n, info_4n, split: str, data_cfg: DataConfig, cfg: IngestBenchConfig, rss: bool
+) -> tuple[list[dict[str, float]], dict[str, float] | None, dict[str, float] | None]:
+    """One round of (a): a new local Ray, its cold pass and `cfg.passes` warm ones, and with `rss` the
+    N and 4N passes under the RSS sampler."""
+    import ray
+
+    from medfusion.data.dataset import quiet_ray_data
+
+    # address="local": a new embedded Ray even when `ray start` left a cluster on this machine. As
+    # many CPUs as the DataLoader has workers: the same number of decode processes on each side.
+    ray.init(
+        address="local",
+        num_cpus=cfg.loader_workers,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        ignore_reinit_error=True,
+    )
+    quiet_ray_data()
+    try:
+        passes = _ray_data(info_n, split, data_cfg, passes=1 + cfg.passes)
+        if not rss:
+            return passes, None, None
+        return passes, _ray_data_peak_rss(info_n, split, data_cfg), _ray_data_peak_rss(info_4n, split, data_cfg)
+    finally:
+        ray.shutdown()
+
+
+def _warm(passes: list[dict[str, float]]) -> dict[str, Any]:
+    """The passes' median throughput and first batch, the throughput's range, and the fewest samples
+    any pass read (every pass reads all N)."""
+    rates = [p["samples"] / p["seconds"] for p in passes]
+    return {
+        "samples_per_s": statistics.median(rates),
+        "range": [round(min(rates), 1), round(max(rates), 1)],
+        "first_batch_s": statistics.median(p["first_batch_s"] for p in passes),
+        "samples": min(p["samples"] for p in passes),
+    }
+
+
 def _decode_ceiling(info, split: str, data_cfg: DataConfig, limit: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
@@ -255,10 +316,6 @@ def _datasets(cfg: IngestBenchConfig):
 
 def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> dict[str, Any]:
     """Run the three measurements and return the benchmark JSON object (DESIGN.md)."""
-    import ray
-
-    from medfusion.data.dataset import quiet_ray_data
-
     started_store = None
     if not cfg.data_uri and not os.environ.get("AWS_ENDPOINT_URL"):
         from medfusion.store import DEFAULT_ROOT, Store
@@ -270,50 +327,43 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     data_cfg = DataConfig(image_size=cfg.image_size, batch_size=cfg.batch_size)
     info_n, info_4n, split, dataset = _datasets(cfg)
 
-    # address="local": a new embedded Ray even when `ray start` left a cluster on this machine. As
-    # many CPUs as the DataLoader has workers: the same number of decode processes on each side.
-    ray.init(
-        address="local",
-        num_cpus=processes,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        ignore_reinit_error=True,
-    )
-    quiet_ray_data()
-    try:
-        ray_cold, ray_data = _ray_data(info_n, split, data_cfg, passes=2)
-        (ray_data_4n,) = _ray_data(info_4n, split, data_cfg, passes=1)
-    finally:
-        ray.shutdown()
-    loader_cold, loader = _dataloader(info_n, split, data_cfg, processes, passes=2)
+    ray_passes: list[list[dict[str, float]]] = []
+    loader_passes: list[list[dict[str, float]]] = []
+    ray_data_n = ray_data_4n = None
+    for index in range(cfg.rounds):
+        for side in ("ray", "loader") if index % 2 == 0 else ("loader", "ray"):
+            if side == "loader":
+                loader_passes.append(_dataloader(info_n, split, data_cfg, processes, passes=1 + cfg.passes))
+                continue
+            passes, rss_n, rss_4n = _ray_round(info_n, info_4n, split, data_cfg, cfg, rss=index == 0)
+            ray_passes.append(passes)
+            ray_data_n, ray_data_4n = rss_n or ray_data_n, rss_4n or ray_data_4n
+    assert ray_data_n is not None and ray_data_4n is not None  # measured in round 0
+    ray_cold, loader_cold = _warm([p[0] for p in ray_passes]), _warm([p[0] for p in loader_passes])
+    ray_data, loader = _warm([p for r in ray_passes for p in r[1:]]), _warm([p for r in loader_passes for p in r[1:]])
     ceiling_one = _decode_ceiling(info_n, split, data_cfg, limit=min(info_n.rows(split), 1000))
 
-    a = ray_data["samples"] / ray_data["seconds"]
-    b = loader["samples"] / loader["seconds"]
+    a, b = ray_data["samples_per_s"], loader["samples_per_s"]
     c = ceiling_one["samples"] / ceiling_one["seconds"] * processes
     mib = 2**20
     figures = {
-        "ray_data_samples_per_s": {"value": round(a, 1), "unit": "samples/s"},
-        "dataloader_samples_per_s": {"value": round(b, 1), "unit": "samples/s"},
+        # Medians of the warm passes, with their range.
+        "ray_data_samples_per_s": {"value": round(a, 1), "unit": "samples/s", "range": ray_data["range"]},
+        "dataloader_samples_per_s": {"value": round(b, 1), "unit": "samples/s", "range": loader["range"]},
         "decode_ceiling_samples_per_s": {"value": round(c, 1), "unit": "samples/s"},
         "ray_data_first_batch_s": {"value": round(ray_data["first_batch_s"], 3), "unit": "s"},
         "ray_data_cold_first_batch_s": {"value": round(ray_cold["first_batch_s"], 3), "unit": "s"},
         "dataloader_first_batch_s": {"value": round(loader["first_batch_s"], 3), "unit": "s"},
         "dataloader_cold_first_batch_s": {"value": round(loader_cold["first_batch_s"], 3), "unit": "s"},
-        "ray_data_cold_samples_per_s": {
-            "value": round(ray_cold["samples"] / ray_cold["seconds"], 1),
-            "unit": "samples/s",
-        },
-        "dataloader_cold_samples_per_s": {
-            "value": round(loader_cold["samples"] / loader_cold["seconds"], 1),
-            "unit": "samples/s",
-        },
-        "ray_data_peak_rss_n": {"value": round(ray_data["peak_rss"] / mib, 1), "unit": "MiB"},
+        "ray_data_cold_samples_per_s": {"value": round(ray_cold["samples_per_s"], 1), "unit": "samples/s"},
+        "dataloader_cold_samples_per_s": {"value": round(loader_cold["samples_per_s"], 1), "unit": "samples/s"},
+        "ray_data_peak_rss_n": {"value": round(ray_data_n["peak_rss"] / mib, 1), "unit": "MiB"},
         "ray_data_peak_rss_4n": {"value": round(ray_data_4n["peak_rss"] / mib, 1), "unit": "MiB"},
-        # What each pass read: (a) and (b) the same N samples cold and warm, (c) at most 1000 of them.
+        # What each pass read: (a) and (b) the same N samples cold and in every warm pass (and (a) N and
+        # 4N for the RSS), (c) at most 1000 of them.
         "ray_data_samples": {"value": ray_data["samples"], "unit": "samples"},
         "ray_data_cold_samples": {"value": ray_cold["samples"], "unit": "samples"},
+        "ray_data_rss_n_samples": {"value": ray_data_n["samples"], "unit": "samples"},
         "ray_data_4n_samples": {"value": ray_data_4n["samples"], "unit": "samples"},
         "dataloader_samples": {"value": loader["samples"], "unit": "samples"},
         "dataloader_cold_samples": {"value": loader_cold["samples"], "unit": "samples"},
@@ -325,18 +375,22 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
         "rss_4n_vs_n": ("ray_data_peak_rss_4n", "ray_data_peak_rss_n"),
     }
     ratios = ratios_of(figures, terms)
-    print(f"dataset {dataset['uri']} ({dataset['source']}), split {split}: {info_n.rows(split)} samples per pass")
-    print(f"{'pipeline':<28}{'samples/s':>12}{'cold first s':>14}{'warm first s':>14}{'peak RSS MiB':>14}")
     print(
-        f"{'(a) Ray Data':<28}{a:>12.1f}{ray_cold['first_batch_s']:>14.3f}{ray_data['first_batch_s']:>14.3f}"
-        f"{ray_data['peak_rss'] / mib:>14.1f}"
+        f"dataset {dataset['uri']} ({dataset['source']}), split {split}: {info_n.rows(split)} samples per pass; "
+        f"medians of {cfg.rounds} rounds: cold passes, and {cfg.passes} warm passes per round [range]"
+    )
+    print(f"{'pipeline':<28}{'samples/s':>12}{'range':>18}{'cold first s':>14}{'warm first s':>14}{'peak RSS MiB':>14}")
+    spread = {name: "[{:.0f}, {:.0f}]".format(*side["range"]) for name, side in (("a", ray_data), ("b", loader))}
+    print(
+        f"{'(a) Ray Data':<28}{a:>12.1f}{spread['a']:>18}{ray_cold['first_batch_s']:>14.3f}"
+        f"{ray_data['first_batch_s']:>14.3f}{ray_data_n['peak_rss'] / mib:>14.1f}"
     )
     print(
-        f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}{'':>14}"
+        f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}{'':>18}{'':>14}"
         f"{ray_data_4n['first_batch_s']:>14.3f}{ray_data_4n['peak_rss'] / mib:>14.1f}"
     )
     print(
-        f"{f'(b) DataLoader x{processes}':<28}{b:>12.1f}{loader_cold['first_batch_s']:>14.3f}"
+        f"{f'(b) DataLoader x{processes}':<28}{b:>12.1f}{spread['b']:>18}{loader_cold['first_batch_s']:>14.3f}"
         f"{loader['first_batch_s']:>14.3f}"
     )
     print(f"{f'(c) decode ceiling x{processes}':<28}{c:>12.1f}")
