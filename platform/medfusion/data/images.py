@@ -418,10 +418,15 @@ def resize(gray: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR))
 
 
+def normalize_levels(levels: Any) -> Any:
+    """float32 grey levels in [0, 255] -> the model's zero-centred input, same shape. The one formula
+    for numpy arrays and torch tensors (`medfusion.models.to_tensors` applies it on the device)."""
+    return (levels / 255.0 - MEAN) / STD
+
+
 def normalize(gray: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) -> float32 (1, H, W), zero-centred (what `medfusion.models.to_tensors` does to a
-    batch's uint8 pixels, on the device)."""
-    return ((gray.astype(np.float32) / 255.0 - MEAN) / STD)[None]
+    """uint8 (H, W) -> float32 (1, H, W), zero-centred."""
+    return normalize_levels(gray.astype(np.float32))[None]
 
 
 def pixels(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

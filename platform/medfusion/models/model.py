@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from medfusion.config import ModelConfig
 from medfusion.data.batches import BATCH_KEYS
-from medfusion.data.images import MEAN, STD
+from medfusion.data.images import normalize_levels
 from medfusion.models.backbones import build_image_encoder
 from medfusion.models.decoder import FindingsDecoder
 from medfusion.models.fusion import build_fusion
@@ -226,7 +226,7 @@ def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> 
     """The model keys of a numpy (or tensor) batch as tensors on `device`; other keys are dropped.
 
     A uint8 `image` (a collated batch's grey levels) is moved as bytes and normalized on `device`
-    (medfusion.data.images.normalize, the same float32 arithmetic); a floating one is taken as
+    (medfusion.data.images.normalize_levels, the formula of images.normalize); a floating one is taken as
     normalized already.
     """
     out: dict[str, Tensor] = {}
@@ -237,7 +237,7 @@ def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> 
             out[key] = tensor.to(device, non_blocking=True)
     image = out.get("image")
     if image is not None and image.dtype == torch.uint8:
-        out["image"] = (image.float() / 255.0 - MEAN) / STD
+        out["image"] = normalize_levels(image.float())
     return out
 
 
