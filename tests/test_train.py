@@ -242,7 +242,11 @@ def test_two_worker_deepspeed_run_on_s3(s3_run, dataset):
     cfg, result = s3_run
     history = result.history
     assert [h["epoch"] for h in history] == [0, 1] and result.epochs_run == 2
-    assert history[1]["train_loss"] < history[0]["train_loss"], "training loss did not fall"
+    # The same validation samples score both epochs (summed over both ranks' shards), so only the
+    # weights differ between the two figures. The train losses do not compare like that: each
+    # epoch's mean is over its own ~2 batches per rank, and which rows reach which rank is timing.
+    print("val_loss per epoch:", [h["val_loss"] for h in history], "train_loss:", [h["train_loss"] for h in history])
+    assert history[1]["val_loss"] < history[0]["val_loss"], "validation loss did not fall"
     steps = history[0]["global_step"]
     assert steps >= 1 and result.global_step == 2 * steps
 
