@@ -104,6 +104,15 @@ class RayNode:
         except OSError:
             return ""
 
+    def raylet_log_tail(self, chars: int = 2000) -> str:
+        """The end of the node's raylet.out (why a raylet did not register), or "" when it has none."""
+        for path in sorted(Path(self.temp_dir).glob("session_*/logs/raylet.out")):
+            try:
+                return f"raylet.out:\n{path.read_text(errors='replace')[-chars:]}"
+            except OSError:
+                pass
+        return ""
+
 
 @dataclass
 class Driver:
@@ -253,24 +262,45 @@ class RayNodes:
         return node
 
     def add_worker(
-        self, name: str, *, cpus: int = 2, resources: dict[str, float] | None = None, timeout_s: float = 90
+        self,
+        name: str,
+        *,
+        cpus: int = 2,
+        resources: dict[str, float] | None = None,
+        timeout_s: float = 90,
+        attempts: int = 3,
     ) -> RayNode:
-        """A worker node with `cpus` CPUs, a resource named after it (1) and the label medfusion.io/node=name."""
-        ports = dict(zip(WORKER_PORT_FLAGS, free_ports(len(WORKER_PORT_FLAGS))))
-        node = self._start(
-            name,
-            [
-                f"--address={self.gcs_address}",
-                f"--num-cpus={cpus}",
-                f"--object-store-memory={200 * 2**20}",
-                f"--resources={json.dumps({name: 1, **(resources or {})})}",
-                *[f"{flag}={port}" for flag, port in ports.items()],
-            ],
-            self.env(),
-            {NODE_LABEL: name},
-        )
-        self.wait_for(lambda: self.node_state(name) == "ALIVE", f"node {name} joins", timeout_s, node)
-        return node
+        """A worker node with `cpus` CPUs, a resource named after it (1) and the label medfusion.io/node=name.
+
+        `ray start` gives its raylet a fixed 30 s to register with the GCS and exits when it has not
+        ("The current node timed out during startup"), which happens on a loaded 2-core machine. The
+        worker is then started again, as the kubelet restarts a KubeRay worker pod's container
+        (restartPolicy Always), up to `attempts` times; each failed attempt's logs are kept in the
+        error if the last one fails too."""
+        failures: list[str] = []
+        for attempt in range(1, attempts + 1):
+            ports = dict(zip(WORKER_PORT_FLAGS, free_ports(len(WORKER_PORT_FLAGS))))
+            node = self._start(
+                name,
+                [
+                    f"--address={self.gcs_address}",
+                    f"--num-cpus={cpus}",
+                    f"--object-store-memory={200 * 2**20}",
+                    f"--resources={json.dumps({name: 1, **(resources or {})})}",
+                    *[f"{flag}={port}" for flag, port in ports.items()],
+                ],
+                self.env(),
+                {NODE_LABEL: name},
+            )
+            try:
+                self.wait_for(lambda: self.node_state(name) == "ALIVE", f"node {name} joins", timeout_s, node)
+                return node
+            except RuntimeError as exc:  # the node's `ray start` exited before it joined
+                failures.append(f"attempt {attempt}: {exc}\n{node.raylet_log_tail()}")
+                node.kill(signal.SIGKILL)
+                shutil.rmtree(node.temp_dir, ignore_errors=True)
+                print(f"[multinode] {name} did not join (attempt {attempt} of {attempts}); starting it again")
+        raise RuntimeError(f"node {name} did not join in {attempts} attempts:\n" + "\n".join(failures))
 
     def run_driver(self, args: list[str]) -> Driver:
         """`medfusion ARGS` in a subprocess attached to this cluster (a driver on the head's machine);
