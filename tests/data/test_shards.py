@@ -13,7 +13,15 @@ import pytest
 
 from medfusion import storage
 from medfusion.config import DataConfig, PrepareConfig, SynthConfig
-from medfusion.data.dataset import DatasetError, iter_local_batches, open_dataset, stream_split, verify_dataset
+from medfusion.data import dataset as dataset_module
+from medfusion.data.dataset import (
+    DatasetError,
+    block_rows,
+    iter_local_batches,
+    open_dataset,
+    stream_split,
+    verify_dataset,
+)
 from medfusion.data.prepare import run_prepare
 from medfusion.data.shards import DatasetExistsError, assign_split
 
@@ -109,6 +117,32 @@ def test_ray_data_batches_hold_what_local_batches_hold(dataset, ray_local):
     for sample_id, arrays in local_rows.items():
         for key, value in arrays.items():
             np.testing.assert_array_equal(ray_rows[sample_id][key], value, err_msg=f"{sample_id} {key}")
+
+
+def test_blocks_hold_block_rows_rounded_up_to_whole_batches(s3_prefix, ray_local, monkeypatch):
+    uri = s3_prefix + "/blocks"
+    cfg = PrepareConfig(
+        source="synthetic",
+        output_uri=uri,
+        shard_size_mb=4.0,  # the whole train split in one shard: its blocks are the only cut
+        synth=SynthConfig(num_samples=200, image_size=32, seed=3),
+    )
+    result = run_prepare(cfg)
+    info = open_dataset(uri)
+    assert len(info.shard_uris("train")) == 1
+    data = DataConfig(image_size=32, batch_size=16, block_rows=40, max_report_tokens=32, max_findings_tokens=32)
+    assert block_rows(info, "train", data) == 48  # 40 rounded up to 3 batches of 16
+    sizes = [
+        m.num_rows for bundle in stream_split(info, "train", data).iter_internal_ref_bundles() for m in bundle.metadata
+    ]
+    rows = result.rows["train"]
+    assert sizes == [48] * (rows // 48) + ([rows % 48] if rows % 48 else []), sizes
+    # Too many bytes for block_rows: as many whole batches as fit, and never less than one.
+    row = dataset_module._row_bytes(info, "train", data)
+    monkeypatch.setattr(dataset_module, "MAX_BLOCK_BYTES", int(row * 16 * 2.5))
+    assert block_rows(info, "train", data) == 32
+    monkeypatch.setattr(dataset_module, "MAX_BLOCK_BYTES", 1)
+    assert block_rows(info, "train", data) == 16
 
 
 def test_ray_train_shards_split_the_rows(dataset, ray_local):
