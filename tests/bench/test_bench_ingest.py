@@ -50,13 +50,10 @@ def test_bench_ingest_prints_its_json(s3_prefix):
         "dataloader_cold_first_batch_s",
         "ray_data_peak_rss_n",
         "ray_data_peak_rss_4n",
-        "ray_data_steady_samples_per_s",
-        "dataloader_steady_samples_per_s",
     ):
         assert figures[name]["value"] > 0, name
     assert result["ratio_of"] == {
         "ray_data_vs_dataloader": ["ray_data_samples_per_s", "dataloader_samples_per_s"],
-        "ray_data_vs_dataloader_steady": ["ray_data_steady_samples_per_s", "dataloader_steady_samples_per_s"],
         "ray_data_vs_decode_ceiling": ["ray_data_samples_per_s", "decode_ceiling_samples_per_s"],
         "rss_4n_vs_n": ["ray_data_peak_rss_4n", "ray_data_peak_rss_n"],
     }

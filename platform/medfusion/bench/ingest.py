@@ -5,7 +5,7 @@ same shards in the local S3 store, in one run, with the same number of decode pr
 (`loader_workers`: Ray is started with that many CPUs):
 
 (a) Ray Data: `stream_split` (`read_parquet` + `map_batches(preprocess_rows)`), streamed with `iter_batches`.
-(b) A `torch.utils.data.DataLoader` with `loader_workers` processes, each reading whole shards.
+(b) A `torch.utils.data.DataLoader` with `loader_workers` persistent processes, each reading whole shards.
 (c) The decode ceiling: a tight `collate` loop over shard rows already in memory, times processes.
 
 The data: generated synthetic shards, or an existing dataset (`dataset_uri`, e.g. a `data ingest`
@@ -136,17 +136,15 @@ def _repeated(info, split: str, times: int):
 
 
 def _stream(batches, start: float) -> dict[str, float]:
-    """Drain `batches`: samples, seconds and time to the first batch, all from `start`, and the first
-    batch's rows (what streamed after it is the pass's steady state)."""
+    """Drain `batches`: samples, seconds and time to the first batch, all from `start`."""
     first = None
-    count = first_rows = 0
+    count = 0
     for batch in batches:
         if first is None:
             first = time.perf_counter() - start
-            first_rows = len(batch["image"])
         count += len(batch["image"])
     elapsed = time.perf_counter() - start
-    return {"samples": count, "seconds": elapsed, "first_batch_s": first or elapsed, "first_batch_samples": first_rows}
+    return {"samples": count, "seconds": elapsed, "first_batch_s": first or elapsed}
 
 
 def _ray_data(info, split: str, data_cfg: DataConfig, passes: int) -> list[dict[str, float]]:
@@ -217,8 +215,14 @@ def _dataloader(info, split: str, data_cfg: DataConfig, workers: int, passes: in
         loader = (
             loader
             if loader is not None
+            # Persistent workers: the strongest plain baseline, its decode processes kept from pass
+            # to pass as Ray keeps its workers (without, each warm pass would start them anew).
             else torch.utils.data.DataLoader(
-                _Iterable(_ShardStream(info, split, data_cfg)), batch_size=None, num_workers=workers, prefetch_factor=2
+                _Iterable(_ShardStream(info, split, data_cfg)),
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=2,
+                persistent_workers=True,
             )
         )
         results.append(_stream(loader, start))
@@ -254,21 +258,13 @@ def _ray_round(
         ray.shutdown()
 
 
-def _steady_rate(p: dict[str, float]) -> float:
-    """Samples/s of a pass after its first batch: the streaming rate, without the pass's start. It
-    leans high for the side whose first batch comes later: what its decode processes finished while
-    the consumer waited for that batch is counted here, in less time."""
-    return (p["samples"] - p["first_batch_samples"]) / max(p["seconds"] - p["first_batch_s"], 1e-9)
-
-
 def _warm(passes: list[dict[str, float]]) -> dict[str, Any]:
-    """The passes' median throughput (whole pass, and after the first batch) and first batch, the
-    throughput's range, and the fewest samples any pass read (every pass reads all N)."""
+    """The passes' median throughput and first batch, the throughput's range, and the fewest samples
+    any pass read (every pass reads all N)."""
     rates = [p["samples"] / p["seconds"] for p in passes]
     return {
         "samples_per_s": statistics.median(rates),
         "range": [round(min(rates), 1), round(max(rates), 1)],
-        "steady_samples_per_s": statistics.median(_steady_rate(p) for p in passes),
         "first_batch_s": statistics.median(p["first_batch_s"] for p in passes),
         "samples": min(p["samples"] for p in passes),
     }
@@ -361,11 +357,6 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
         "ray_data_samples_per_s": {"value": round(a, 1), "unit": "samples/s", "range": ray_data["range"]},
         "dataloader_samples_per_s": {"value": round(b, 1), "unit": "samples/s", "range": loader["range"]},
         "decode_ceiling_samples_per_s": {"value": round(c, 1), "unit": "samples/s"},
-        # The same warm passes after their first batch: how fast each streams once started (leaning
-        # high for the later first batch, see _steady_rate). The whole-pass figures above are the
-        # headline; these only show how much of a gap is each pass's start.
-        "ray_data_steady_samples_per_s": {"value": round(ray_data["steady_samples_per_s"], 1), "unit": "samples/s"},
-        "dataloader_steady_samples_per_s": {"value": round(loader["steady_samples_per_s"], 1), "unit": "samples/s"},
         "ray_data_first_batch_s": {"value": round(ray_data["first_batch_s"], 3), "unit": "s"},
         "ray_data_cold_first_batch_s": {"value": round(ray_cold["first_batch_s"], 3), "unit": "s"},
         "dataloader_first_batch_s": {"value": round(loader["first_batch_s"], 3), "unit": "s"},
@@ -386,7 +377,6 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
     }
     terms = {
         "ray_data_vs_dataloader": ("ray_data_samples_per_s", "dataloader_samples_per_s"),
-        "ray_data_vs_dataloader_steady": ("ray_data_steady_samples_per_s", "dataloader_steady_samples_per_s"),
         "ray_data_vs_decode_ceiling": ("ray_data_samples_per_s", "decode_ceiling_samples_per_s"),
         "rss_4n_vs_n": ("ray_data_peak_rss_4n", "ray_data_peak_rss_n"),
     }
@@ -395,22 +385,19 @@ def run_ingest_bench(cfg: IngestBenchConfig, store_root: str | None = None) -> d
         f"dataset {dataset['uri']} ({dataset['source']}), split {split}: {info_n.rows(split)} samples per pass; "
         f"medians of {cfg.rounds} rounds: cold passes, and {cfg.passes} warm passes per round [range]"
     )
-    print(
-        f"{'pipeline':<28}{'samples/s':>12}{'range':>18}{'steady':>10}{'cold first s':>14}{'warm first s':>14}"
-        f"{'peak RSS MiB':>14}"
-    )
+    print(f"{'pipeline':<28}{'samples/s':>12}{'range':>18}{'cold first s':>14}{'warm first s':>14}{'peak RSS MiB':>14}")
     spread = {name: "[{:.0f}, {:.0f}]".format(*side["range"]) for name, side in (("a", ray_data), ("b", loader))}
     print(
-        f"{'(a) Ray Data':<28}{a:>12.1f}{spread['a']:>18}{ray_data['steady_samples_per_s']:>10.1f}"
+        f"{'(a) Ray Data':<28}{a:>12.1f}{spread['a']:>18}"
         f"{ray_cold['first_batch_s']:>14.3f}"
         f"{ray_data['first_batch_s']:>14.3f}{ray_data_n['peak_rss'] / mib:>14.1f}"
     )
     print(
-        f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}{'':>18}{'':>10}{'':>14}"
+        f"{'(a) Ray Data, 4N':<28}{ray_data_4n['samples'] / ray_data_4n['seconds']:>12.1f}{'':>18}{'':>14}"
         f"{ray_data_4n['first_batch_s']:>14.3f}{ray_data_4n['peak_rss'] / mib:>14.1f}"
     )
     print(
-        f"{f'(b) DataLoader x{processes}':<28}{b:>12.1f}{spread['b']:>18}{loader['steady_samples_per_s']:>10.1f}"
+        f"{f'(b) DataLoader x{processes}':<28}{b:>12.1f}{spread['b']:>18}"
         f"{loader_cold['first_batch_s']:>14.3f}"
         f"{loader['first_batch_s']:>14.3f}"
     )
