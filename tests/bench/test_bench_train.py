@@ -19,6 +19,7 @@ def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
         samples=96,
         steps=2,
         warmup_steps=1,
+        rounds=2,  # both orders: plain loops first, then Ray first
         workers=2,
         zero_stages=[0, 3],
         loader_workers=1,
@@ -45,6 +46,15 @@ def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
         "ray_deepspeed_zero3_1w_step_time",
     ):
         assert figures[name]["value"] > 0, name
+    for name in (
+        "plain_torch_prefetch_samples_per_s",
+        "plain_torch_in_memory_samples_per_s",
+        "ray_deepspeed_zero0_1w_samples_per_s",
+        "ray_deepspeed_zero3_1w_samples_per_s",
+        "ray_deepspeed_2w_samples_per_s",
+    ):  # the lower middle of 2 rounds is the slower one
+        low, high = figures[name]["range"]
+        assert low == figures[name]["value"] <= high, (name, figures[name])
     assert 0 <= figures["ray_deepspeed_zero0_1w_data_wait_share"]["value"] <= 1
     assert 0 <= figures["plain_torch_prefetch_data_wait_share"]["value"] <= 1
     # on cpu every variant trains fp32 weights (bf16 weights, fp32 master copies, on cuda)
@@ -80,6 +90,7 @@ def test_bench_train_measures_every_variant(s3_prefix, ray_local, capsys):
         (["device=tpu"], "device: must be cpu or cuda"),
         (["zero_stages=0,4"], "zero_stages: must be a list of 0-3"),
         (["steps=0"], "steps: must be >= 1"),
+        (["rounds=0"], "rounds: must be >= 1"),
         (["loader_workers=-1"], "loader_workers: must be >= 0"),
     ],
 )

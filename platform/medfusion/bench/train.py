@@ -18,7 +18,10 @@ Weights have the same dtype in every variant. On cuda DeepSpeed's bf16 mode hold
 parameters in bf16 (fp32 buffers) and steps AdamW on fp32 master copies; the plain loop does the
 same (no autocast over fp32 weights). On cpu all variants train in fp32.
 
-Each variant runs `warmup_steps` untimed steps, then `steps` timed ones. Step time includes the wait
+Each variant runs `warmup_steps` untimed steps, then `steps` timed ones, once per round (`rounds`);
+the plain loops and the Ray variants take turns going first, and Ray is started for its turn and
+stopped after it (unless it was running before), so the plain loops never share the cores with an
+idle Ray. Every figure is the median round's (by samples/s), with the range over the rounds. Step time includes the wait
 for the next batch; the data-wait share is that wait over the step time. Peak memory is the training
 process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on GPU. Every process uses `threads`
 torch threads, so on a small machine the variants compete for the same cores as they would in use.
@@ -69,6 +72,10 @@ class TrainBenchConfig:
     """Batch size of every variant; 0 takes the preset's data.batch_size."""
     steps: int = 24
     """Optimizer steps timed per variant (after warmup_steps)."""
+    rounds: int = 3
+    """Rounds, each running every variant once, the plain loops and the Ray variants in alternating
+    order (a slow minute of a shared machine then falls on both sides). Each figure is the median
+    round's, with the range of samples/s over the rounds: single runs of 24 steps differ by 10-20%."""
     warmup_steps: int = 4
     """Steps run before timing starts (worker start-up, first batches, allocator)."""
     workers: int = 2
@@ -96,6 +103,7 @@ class TrainBenchConfig:
         check(self.samples >= 64, "samples", f"must be >= 64, got {self.samples}")
         check(self.batch_size >= 0, "batch_size", f"must be >= 0 (0 = the preset's), got {self.batch_size}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
@@ -313,7 +321,15 @@ def _ray_variant(cfg: TrainBenchConfig, train: TrainConfig, info: Any) -> dict[s
     }
 
 
-def _row(name: str, stats: dict[str, float]) -> dict[str, float]:
+def _median_round(name: str, rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """The row of the round with the median samples/s (the lower middle one of an even count), and
+    the range of samples/s over all rounds."""
+    rows = sorted((_row(name, stats) for stats in rounds), key=lambda r: r["samples_per_s"])
+    row = rows[(len(rows) - 1) // 2]
+    return {**row, "range": [round(rows[0]["samples_per_s"], 2), round(rows[-1]["samples_per_s"], 2)]}
+
+
+def _row(name: str, stats: dict[str, float]) -> dict[str, Any]:
     seconds = max(stats["seconds"], 1e-9)
     return {
         "name": name,
@@ -371,12 +387,8 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         # a worker without a shard of its own would only start up
         "loader_workers": min(cfg.resolved_loader_workers(), len(info.shard_uris("train"))),
     }
-    baseline = _row(
-        f"(b) plain PyTorch loop, DataLoader x{args['loader_workers']}", _in_fresh_process({**args, "in_memory": False})
-    )
-    ceiling = _row("(b') plain PyTorch loop, batches in memory", _in_fresh_process({**args, "in_memory": True}))
-
     storage_dir = tempfile.mkdtemp(prefix="medfusion-bench-train-")
+    reserve = 0.0
 
     def train_cfg(workers: int, stage: int) -> TrainConfig:
         return TrainConfig(
@@ -397,51 +409,77 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
             evaluate=False,
         )
 
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, widest * cfg.threads + 1),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        started_ray = True
-    # Ray Data's read/preprocess tasks need a free CPU; on a Ray that is already running with too
-    # few, the workers reserve none and share the cores.
-    reserve = float(cfg.threads) if ray.cluster_resources().get("CPU", 0) >= widest * cfg.threads + 1 else 0.0
-    try:
-        stages = [
-            _row(f"(a) Ray Train + DeepSpeed ZeRO-{s}, 1 worker", _ray_variant(cfg, train_cfg(1, s), info))
-            for s in cfg.zero_stages
-        ]
-        two = None
-        if multi:
-            two = _row(
-                f"(c) Ray Train + DeepSpeed ZeRO-{cfg.zero_stages[0]}, {cfg.workers} workers",
-                _ray_variant(cfg, train_cfg(cfg.workers, cfg.zero_stages[0]), info),
+    def plain_turn() -> dict[str, dict[str, float]]:
+        return {
+            "baseline": _in_fresh_process({**args, "in_memory": False}),
+            "ceiling": _in_fresh_process({**args, "in_memory": True}),
+        }
+
+    def ray_turn() -> dict[str, dict[str, float]]:
+        nonlocal reserve
+        started_ray = False
+        if not ray.is_initialized():
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, widest * cfg.threads + 1),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
             )
+            started_ray = True
+        # Ray Data's read/preprocess tasks need a free CPU; on a Ray that is already running with too
+        # few, the workers reserve none and share the cores.
+        reserve = float(cfg.threads) if ray.cluster_resources().get("CPU", 0) >= widest * cfg.threads + 1 else 0.0
+        try:
+            turn = {f"zero{s}": _ray_variant(cfg, train_cfg(1, s), info) for s in cfg.zero_stages}
+            if multi:
+                turn["two"] = _ray_variant(cfg, train_cfg(cfg.workers, cfg.zero_stages[0]), info)
+            return turn
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    measured: dict[str, list[dict[str, float]]] = {}
+    try:
+        for index in range(cfg.rounds):
+            turns = (plain_turn, ray_turn) if index % 2 == 0 else (ray_turn, plain_turn)
+            for turn in turns:
+                for key, stats in turn().items():
+                    measured.setdefault(key, []).append(stats)
     finally:
         shutil.rmtree(storage_dir, ignore_errors=True)  # benchmark runs write no checkpoints; only Ray's markers
-        if started_ray:
-            ray.shutdown()
         if started_store is not None:
             started_store.down()
+    baseline = _median_round(f"(b) plain PyTorch loop, DataLoader x{args['loader_workers']}", measured["baseline"])
+    ceiling = _median_round("(b') plain PyTorch loop, batches in memory", measured["ceiling"])
+    stages = [
+        _median_round(f"(a) Ray Train + DeepSpeed ZeRO-{s}, 1 worker", measured[f"zero{s}"]) for s in cfg.zero_stages
+    ]
+    two = (
+        _median_round(f"(c) Ray Train + DeepSpeed ZeRO-{cfg.zero_stages[0]}, {cfg.workers} workers", measured["two"])
+        if multi
+        else None
+    )
 
     memory_unit = "MiB (GPU, max allocated)" if use_gpu else "MiB (peak RSS)"
     rows = [baseline, ceiling, *stages, *([two] if two else [])]
     print(
-        f"{'variant':<44}{'samples/s':>11}{'step ms':>10}{'data wait':>11}"
+        f"{'variant':<44}{'samples/s':>11}{'range':>16}{'step ms':>10}{'data wait':>11}"
         f"{'peak ' + ('GPU' if use_gpu else 'RSS') + ' MiB':>15}"
     )
     for r in rows:
         print(
-            f"{r['name']:<44}{r['samples_per_s']:>11.1f}{r['step_time_ms']:>10.1f}"
+            f"{r['name']:<44}{r['samples_per_s']:>11.1f}{'[{:.0f}, {:.0f}]'.format(*r['range']):>16}"
+            f"{r['step_time_ms']:>10.1f}"
             f"{100 * r['data_wait_share']:>10.1f}%{r['peak_memory_mib']:>15.1f}"
         )
 
     figures: dict[str, dict[str, Any]] = {
-        "plain_torch_prefetch_samples_per_s": {"value": round(baseline["samples_per_s"], 2), "unit": "samples/s"},
+        "plain_torch_prefetch_samples_per_s": {
+            "value": round(baseline["samples_per_s"], 2),
+            "unit": "samples/s",
+            "range": baseline["range"],
+        },
         "plain_torch_prefetch_samples": {"value": baseline["samples"], "unit": "samples"},
         "plain_torch_prefetch_peak_memory": {"value": round(baseline["peak_memory_mib"], 1), "unit": memory_unit},
         "plain_torch_prefetch_step_time": {"value": round(baseline["step_time_ms"], 2), "unit": "ms"},
@@ -449,7 +487,11 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
             "value": round(baseline["data_wait_share"], 4),
             "unit": "fraction",
         },
-        "plain_torch_in_memory_samples_per_s": {"value": round(ceiling["samples_per_s"], 2), "unit": "samples/s"},
+        "plain_torch_in_memory_samples_per_s": {
+            "value": round(ceiling["samples_per_s"], 2),
+            "unit": "samples/s",
+            "range": ceiling["range"],
+        },
         "plain_torch_in_memory_samples": {"value": ceiling["samples"], "unit": "samples"},
         "plain_torch_in_memory_peak_memory": {"value": round(ceiling["peak_memory_mib"], 1), "unit": memory_unit},
         "plain_torch_in_memory_step_time": {"value": round(ceiling["step_time_ms"], 2), "unit": "ms"},
@@ -458,6 +500,7 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         figures[f"ray_deepspeed_zero{stage}_1w_samples_per_s"] = {
             "value": round(row["samples_per_s"], 2),
             "unit": "samples/s",
+            "range": row["range"],
         }
         figures[f"ray_deepspeed_zero{stage}_1w_samples"] = {"value": row["samples"], "unit": "samples"}
         figures[f"ray_deepspeed_zero{stage}_1w_step_time"] = {"value": round(row["step_time_ms"], 2), "unit": "ms"}
@@ -478,6 +521,7 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         figures[f"ray_deepspeed_{cfg.workers}w_samples_per_s"] = {
             "value": round(two["samples_per_s"], 2),
             "unit": "samples/s",
+            "range": two["range"],
         }
         figures[f"ray_deepspeed_{cfg.workers}w_samples"] = {"value": two["samples"], "unit": "samples"}
         figures[f"ray_deepspeed_{cfg.workers}w_step_time"] = {"value": round(two["step_time_ms"], 2), "unit": "ms"}
