@@ -349,8 +349,9 @@ def block_rows(info: DatasetInfo, split: str, data_cfg: DataConfig) -> int:
 
     Handing a block from a decode task to the consumer (object store put, the streaming generator's
     report, the executor's bookkeeping, the consumer's fetch) costs about the same for 64 rows as for
-    256. One-batch blocks of 64 synthetic rows streamed at 0.81-0.86x a DataLoader with as many
-    decode processes; 256-row blocks at 0.96-1.03x, for a first batch about 0.1 s later.
+    256. On 2 cores, one-batch blocks of 64 synthetic rows streamed at 0.75-0.86x a DataLoader with
+    as many decode processes that restarts them every pass; 256-row blocks at 0.83-0.98x (median
+    0.95) one that keeps them, for a first batch about 0.1 s later (README, "Benchmarks").
     """
     batch = data_cfg.batch_size
     batches = math.ceil(data_cfg.block_rows / batch)
