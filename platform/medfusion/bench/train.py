@@ -21,10 +21,11 @@ same (no autocast over fp32 weights). On cpu all variants train in fp32.
 Each variant runs `warmup_steps` untimed steps, then `steps` timed ones, once per round (`rounds`);
 the plain loops and the Ray variants take turns going first, and Ray is started for its turn and
 stopped after it (unless it was running before), so the plain loops never share the cores with an
-idle Ray. Every figure is the median round's (by samples/s), with the range over the rounds. Step time includes the wait
-for the next batch; the data-wait share is that wait over the step time. Peak memory is the training
-process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on GPU. Every process uses `threads`
-torch threads, so on a small machine the variants compete for the same cores as they would in use.
+idle Ray. Every figure is the median round's (by samples/s), with the range over the rounds. Step
+time includes the wait for the next batch; the data-wait share is that wait over the step time.
+Peak memory is the training process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on GPU.
+Every process uses `threads` torch threads, so on a small machine the variants compete for the same
+cores as they would in use.
 """
 
 from __future__ import annotations
@@ -388,9 +389,8 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         "loader_workers": min(cfg.resolved_loader_workers(), len(info.shard_uris("train"))),
     }
     storage_dir = tempfile.mkdtemp(prefix="medfusion-bench-train-")
-    reserve = 0.0
 
-    def train_cfg(workers: int, stage: int) -> TrainConfig:
+    def train_cfg(workers: int, stage: int, reserve: float) -> TrainConfig:
         return TrainConfig(
             dataset_uri=data_uri,
             storage_uri=storage_dir,
@@ -416,7 +416,6 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         }
 
     def ray_turn() -> dict[str, dict[str, float]]:
-        nonlocal reserve
         started_ray = False
         if not ray.is_initialized():
             ray.init(
@@ -431,9 +430,9 @@ def run_train_bench(cfg: TrainBenchConfig, store_root: str | None = None) -> dic
         # few, the workers reserve none and share the cores.
         reserve = float(cfg.threads) if ray.cluster_resources().get("CPU", 0) >= widest * cfg.threads + 1 else 0.0
         try:
-            turn = {f"zero{s}": _ray_variant(cfg, train_cfg(1, s), info) for s in cfg.zero_stages}
+            turn = {f"zero{s}": _ray_variant(cfg, train_cfg(1, s, reserve), info) for s in cfg.zero_stages}
             if multi:
-                turn["two"] = _ray_variant(cfg, train_cfg(cfg.workers, cfg.zero_stages[0]), info)
+                turn["two"] = _ray_variant(cfg, train_cfg(cfg.workers, cfg.zero_stages[0], reserve), info)
             return turn
         finally:
             if started_ray:
