@@ -92,6 +92,7 @@ def test_dotted_overrides_are_typed(overrides, check):
         (C.PrepareConfig, ["split.val=0.6", "split.test=0.5"], "split: val + test"),
         (C.ModelConfig, ["fusion=sum"], "model.fusion: must be one of concat"),
         (C.DataConfig, ["batch_size=0"], "data.batch_size: must be >= 1"),
+        (C.DataConfig, ["block_rows=0"], "data.block_rows: must be >= 1, got 0"),
         (C.PrepareConfig, ["novalue"], "expected KEY=VALUE"),
     ],
 )
