@@ -380,6 +380,9 @@ def test_zero3_partitions_parameters_and_exports_them_whole(dataset, tmp_path, r
 # About an hour on 2 CPU cores; the README has the same run as `medfusion train --preset small ...`.
 QUALITY_SAMPLES, QUALITY_IMAGE, QUALITY_EPOCHS = 12600, 128, 5
 PAPER_ACCURACY, PAPER_IOU, ABLATION_GAP = 0.9642, 0.89, 0.10
+# The fused model's findings must name the lesion's zone: 0.952 on 1a7b55f, 0.658 on main since the
+# per-class box head (README, "Quality on the synthetic benchmark"): this fails until that is fixed.
+CLINICAL_F1 = 0.90
 
 
 @pytest.mark.slow
@@ -395,7 +398,7 @@ def test_quality_on_the_synthetic_benchmark(tmp_path, ray_local):
             synth=SynthConfig(num_samples=QUALITY_SAMPLES, image_size=QUALITY_IMAGE),
         )
     )
-    accuracy, iou = {}, {}
+    accuracy, iou, clinical = {}, {}, {}
     for fusion in ("gated", "image_only", "text_only"):
         cfg = load_train_config(
             preset="small",
@@ -414,8 +417,9 @@ def test_quality_on_the_synthetic_benchmark(tmp_path, ray_local):
             ],
         )
         test = run_train(cfg).test_metrics
-        accuracy[fusion], iou[fusion] = test["accuracy"], test["mean_iou"]
-    print(f"\nquality: accuracy {accuracy}, mean IoU {iou}")
+        accuracy[fusion], iou[fusion], clinical[fusion] = test["accuracy"], test["mean_iou"], test["clinical_f1"]
+    print(f"\nquality: accuracy {accuracy}, mean IoU {iou}, clinical F1 {clinical}")
     assert accuracy["gated"] >= PAPER_ACCURACY and iou["gated"] >= PAPER_IOU
     assert accuracy["gated"] - accuracy["image_only"] >= ABLATION_GAP
     assert accuracy["gated"] - accuracy["text_only"] >= ABLATION_GAP
+    assert clinical["gated"] >= CLINICAL_F1, clinical
