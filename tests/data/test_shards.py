@@ -7,13 +7,17 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
+import ray.data
 
 from medfusion import storage
 from medfusion.config import DataConfig, PrepareConfig, SynthConfig
 from medfusion.data import dataset as dataset_module
+from medfusion.data.backoff import IdleBackoff
 from medfusion.data.dataset import (
     DatasetError,
     block_rows,
@@ -143,6 +147,61 @@ def test_blocks_hold_block_rows_rounded_up_to_whole_batches(s3_prefix, ray_local
     assert block_rows(info, "train", data) == 32
     monkeypatch.setattr(dataset_module, "MAX_BLOCK_BYTES", 1)
     assert block_rows(info, "train", data) == 16
+
+
+def _coordinator_cpu_over_slow_consumers(ds, batch_size: int) -> float:
+    """CPU seconds of the SplitCoordinator (the actor that runs a streaming_split's executor, as for
+    Ray Train's workers) from both consumers' first batch to their last, taking 0.2 s per batch:
+    the decode tasks are far ahead of them, so the executor is held back by backpressure."""
+    # A small object store budget, as a training epoch's decoded blocks fill a real one.
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=2 * 2**20)
+    before = {p.pid for p in _coordinators()}
+    parts = ds.streaming_split(2, equal=True)
+    counts = [0, 0]
+    started = threading.Barrier(3)
+
+    def consume(i):
+        for n, batch in enumerate(parts[i].iter_batches(batch_size=batch_size, prefetch_batches=0)):
+            if n == 0:
+                started.wait(timeout=120)
+            counts[i] += len(batch["image"])
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=120)
+    new = [p for p in _coordinators() if p.pid not in before]
+    assert len(new) == 1, f"expected one new SplitCoordinator process, found {len(new)}"
+    start = sum(new[0].cpu_times()[:2])
+    for t in threads:
+        t.join(timeout=300)
+    assert counts[0] == counts[1] > 10 * batch_size
+    return sum(new[0].cpu_times()[:2]) - start
+
+
+def _coordinators() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith("ray::SplitCoordinator"):
+            found.append(p)
+    return found
+
+
+def test_the_scheduling_loop_rests_while_held_back(s3_prefix, ray_local):
+    """Ray's streaming executor spins while backpressure holds it behind slow consumers
+    (medfusion.data.backoff): stream_split's IdleBackoff makes it sleep instead."""
+    uri = s3_prefix + "/backoff"
+    _prepare(uri, n=1200)
+    info = open_dataset(uri)
+    data = DataConfig(image_size=32, batch_size=16, block_rows=16, max_report_tokens=32, max_findings_tokens=32)
+    resting = _coordinator_cpu_over_slow_consumers(stream_split(info, "train", data), data.batch_size)
+    spinning_ds = stream_split(info, "train", data)  # Ray's own loop: no rest
+    spinning_ds.context.custom_execution_callback_classes = [
+        c for c in spinning_ds.context.custom_execution_callback_classes if c is not IdleBackoff
+    ]
+    spinning = _coordinator_cpu_over_slow_consumers(spinning_ds, data.batch_size)
+    assert resting * 3 < spinning, f"coordinator CPU s: resting {resting:.2f}, spinning {spinning:.2f}"
 
 
 def test_ray_train_shards_split_the_rows(dataset, ray_local):
