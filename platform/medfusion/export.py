@@ -38,7 +38,8 @@ from medfusion.models import MedFusionModel, build_model, count_parameters
 # 3: a box per class (heads.BoxHead's class queries), and a model may have no trained decoder
 #    (model.describes false: the dataset had no findings text).
 # 4: each class's box score has its own output weights (heads.BoxHead.objectness_out).
-FORMAT_VERSION = 4
+# 5: the findings decoder attends over regions with their cell's (x, y) (models.decoder_regions).
+FORMAT_VERSION = 5
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

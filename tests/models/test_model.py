@@ -17,6 +17,7 @@ from medfusion.models import (
     count_parameters,
     create_model,
     cxcywh_to_xyxy,
+    decoder_regions,
     list_models,
     paired_giou,
     paired_iou,
@@ -25,6 +26,7 @@ from medfusion.models import (
     xyxy_to_cxcywh,
 )
 from medfusion.models.heads import _regions_inside, box_losses
+from medfusion.models.image_encoder import grid_coordinates
 
 # Grid side at 64 px: every ResNet stage halves the resolution.
 GRID = {"medfusion_tiny": 8, "medfusion_small": 4, "medfusion_base": 4}
@@ -60,7 +62,7 @@ def test_forward_shapes(synth_data, name, fusion):
         "box_attention": (3, grid, grid),
         "note_attention": tuple(batch["report_ids"].shape),
         "fused": (3, dim),
-        "regions": (3, grid * grid, dim),
+        "regions": (3, grid * grid, dim + 2),
         "decoder_logits": (3, tf - 1, vocab),
         "decoder_attention": (3, tf - 1, grid * grid),
     }
@@ -68,6 +70,8 @@ def test_forward_shapes(synth_data, name, fusion):
     assert all(torch.isfinite(v).all() for v in out.values())
     assert torch.allclose(out["image_attention"].sum(dim=(1, 2)), torch.ones(3), atol=1e-5)
     assert ((out["box"] >= 0) & (out["box"] <= 1)).all()
+    # The decoder's regions end with their cell's (x, y), row-major.
+    assert torch.equal(out["regions"][0, :, -2:], grid_coordinates(grid, grid))
     total, parts = model.loss(batch, out)
     assert torch.isfinite(total) and set(parts) == {
         "cls",
@@ -155,7 +159,40 @@ def test_beam_search_is_batched_and_consistent(synth_data):
 
 def _decoder_inputs(model, batch):
     image, _, fused = model.encode(batch["image"], batch["report_ids"])
-    return image.regions, fused
+    return decoder_regions(image), fused
+
+
+def test_the_decoder_names_a_place_from_its_regions_coordinates():
+    """Regions that differ only in where the lesion's cell is: the word of place ("left" / "right")
+    is learnt from the (x, y) that decoder_regions appends, and cannot be without it."""
+    from medfusion.models import FindingsDecoder, ImageFeatures
+
+    torch.manual_seed(0)
+    dim, side, n = 8, 4, 64
+    regions = torch.zeros(n, side * side, dim)
+    cells = torch.randint(0, side * side, (n,))
+    regions[torch.arange(n), cells] = 1.0  # the lesion's cell: the same features wherever it is
+    left = (cells % side) < side // 2
+    words = torch.where(left, torch.tensor(4), torch.tensor(5))  # 4 "left", 5 "right"
+    findings = torch.stack([torch.full((n,), 2), words, torch.full((n,), 3)], dim=1)  # <bos> word <eos>
+    fused = torch.zeros(n, dim)
+
+    def accuracy(located: bool) -> float:
+        torch.manual_seed(1)
+        features = ImageFeatures(regions=regions, pooled=fused, attention=fused, grid=(side, side))
+        inputs = decoder_regions(features) if located else regions
+        decoder = FindingsDecoder(6, 4, 16, dim, region_dim=inputs.shape[-1])
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=0.03)
+        for _ in range(150):
+            logits, _ = decoder(findings, inputs, fused)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 6), findings[:, 1:].reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return float((decoder.greedy(inputs, fused, 1)[:, 0] == words).float().mean())
+
+    assert accuracy(located=True) == 1.0
+    assert accuracy(located=False) < 0.8
 
 
 def test_beam_search_prefers_the_likelier_sequence():

@@ -18,7 +18,14 @@ from medfusion.models.heads import (
     text_loss,
 )
 from medfusion.models.image_encoder import ImageEncoder, ImageFeatures
-from medfusion.models.model import MedFusionModel, build_model, count_parameters, finding_boxes, to_tensors
+from medfusion.models.model import (
+    MedFusionModel,
+    build_model,
+    count_parameters,
+    decoder_regions,
+    finding_boxes,
+    to_tensors,
+)
 from medfusion.models.registry import MODEL_REGISTRY, create_model, list_models, preset_config, register_model
 from medfusion.models.text_encoder import NoteEncoder, NoteFeatures
 
@@ -39,6 +46,7 @@ __all__ = [
     "build_model",
     "classification_loss",
     "count_parameters",
+    "decoder_regions",
     "create_model",
     "cxcywh_to_xyxy",
     "list_models",

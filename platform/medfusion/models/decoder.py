@@ -6,6 +6,11 @@ every input (and initializing its state); each output state then attends over th
 and [state; context] predicts the next word. Because attention comes after the recurrence,
 teacher-forced training runs the LSTM over the whole sequence in one call.
 
+Each region arrives with its cell's (x, y) appended (`MedFusionModel.decoder_regions`), so the
+context carries where the decoder looked as two plain numbers: words of place ("left", "upper
+zone") read them directly instead of recovering a position from features that the classifier and
+the box head have shaped for what a region shows.
+
 Inference: `greedy` and a batched `beam_search` (all images x beams advance together as one
 (B*K)-row batch). Both return (B, max_len) ids without <bos>; a sequence ends with <eos> and is
 <pad>ded after it, or is cut at max_len without <eos>.
@@ -26,29 +31,39 @@ class FindingsDecoder(nn.Module):
     vocab_size: tokenizer vocabulary size.
     embed_dim: word embedding size.
     hidden_dim: LSTM hidden size.
-    context_dim: width D of the fused vector and of the image regions.
+    context_dim: width D of the fused vector.
     dropout: dropout before the output projection.
+    region_dim: width of the regions it attends over (default D: no position appended; the model
+        gives D + 2, each region with its cell's (x, y)).
     """
 
     def __init__(
-        self, vocab_size: int, embed_dim: int, hidden_dim: int, context_dim: int, dropout: float = 0.0
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_dim: int,
+        context_dim: int,
+        dropout: float = 0.0,
+        region_dim: int | None = None,
     ) -> None:
         super().__init__()
+        region_dim = region_dim or context_dim
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
         self.init_state = nn.Linear(context_dim, 2 * hidden_dim)
         self.lstm = nn.LSTM(embed_dim + context_dim, hidden_dim, batch_first=True)
-        self.query = nn.Linear(hidden_dim, context_dim)
-        self.combine = nn.Linear(hidden_dim + context_dim, hidden_dim)
+        self.query = nn.Linear(hidden_dim, region_dim)
+        self.combine = nn.Linear(hidden_dim + region_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
-        self.scale = context_dim**-0.5
+        self.scale = region_dim**-0.5
 
     def initial_state(self, fused: Tensor) -> State:
         h0, c0 = torch.tanh(self.init_state(fused)).chunk(2, dim=-1)  # (B, H) each
         return h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()  # (1, B, H) each
 
     def step(self, tokens: Tensor, state: State, regions: Tensor, fused: Tensor) -> tuple[Tensor, Tensor, State]:
-        """Advance over `tokens` (B, T): logits (B, T, V), region attention (B, T, R), new state."""
+        """Advance over `tokens` (B, T) attending over `regions` (B, R, region_dim): logits (B, T, V),
+        region attention (B, T, R), new state."""
         steps = tokens.shape[1]
         inputs = torch.cat([self.embed(tokens), fused.unsqueeze(1).expand(-1, steps, -1)], dim=-1)  # (B, T, E+D)
         outputs, state = self.lstm(inputs, state)  # (B, T, H)

@@ -30,7 +30,7 @@ from medfusion.models.backbones import build_image_encoder
 from medfusion.models.decoder import FindingsDecoder
 from medfusion.models.fusion import build_fusion
 from medfusion.models.heads import BoxHead, BoxRefiner, ClassificationHead, box_losses, classification_loss, text_loss
-from medfusion.models.image_encoder import ImageFeatures
+from medfusion.models.image_encoder import ImageFeatures, grid_coordinates
 from medfusion.models.text_encoder import PAD_ID, NoteEncoder, NoteFeatures
 
 TENSOR_KEYS = BATCH_KEYS  # the model reads every key of a collated batch
@@ -112,8 +112,9 @@ class MedFusionModel(nn.Module):
         normalized xyxy and box_logits (B, C, R) (the box head's, for its dense losses); with a refiner
         coarse_boxes (B, C, 4) (the box head's) and refined_boxes (B, C, steps, 4) (class_boxes is the
         last step); image_attention / box_attention (B, h, w) (the box's: the most probable class's),
-        note_attention (B, Tr), fused (B, D), regions (B, R, D), and when the model describes and
-        `findings_ids` is in the batch: decoder_logits (B, Tf-1, V), decoder_attention (B, Tf-1, R)."""
+        note_attention (B, Tr), fused (B, D), regions (B, R, D + 2) (the decoder's: `decoder_regions`),
+        and when the model describes and `findings_ids` is in the batch: decoder_logits (B, Tf-1, V),
+        decoder_attention (B, Tf-1, R)."""
         image = batch["image"].to(self.input_dtype)
         report_ids = batch.get("report_ids")
         if self.training and self.modality_dropout > 0 and report_ids is not None:
@@ -132,7 +133,7 @@ class MedFusionModel(nn.Module):
             "box_logits": box.attention_logits,
             "image_attention": image_features.attention.reshape(batch_size, height, width),
             "fused": fused,
-            "regions": image_features.regions,
+            "regions": decoder_regions(image_features),
         }
         if self.box_refiner is not None:
             classes = class_boxes.shape[1]
@@ -153,9 +154,7 @@ class MedFusionModel(nn.Module):
         elif report_ids is not None:
             out["note_attention"] = torch.zeros(report_ids.shape, dtype=fused.dtype, device=fused.device)
         if self.describes and batch.get("findings_ids") is not None:
-            out["decoder_logits"], out["decoder_attention"] = self.decoder(
-                batch["findings_ids"], image_features.regions, fused
-            )
+            out["decoder_logits"], out["decoder_attention"] = self.decoder(batch["findings_ids"], out["regions"], fused)
         return out
 
     @property
@@ -207,10 +206,18 @@ class MedFusionModel(nn.Module):
         if outputs is None:
             image = batch["image"].to(self.input_dtype)
             image_features, _, fused = self.encode(image, batch.get("report_ids"))
-            regions = image_features.regions
+            regions = decoder_regions(image_features)
         else:
             regions, fused = outputs["regions"], outputs["fused"]
         return self.decoder.beam_search(regions, fused, beam_size or self.beam_size, max_len or self.max_decode_len)
+
+
+def decoder_regions(features: ImageFeatures) -> Tensor:
+    """The regions the findings decoder attends over: (B, R, D + 2), each with its cell's (x, y)
+    (medfusion.models.decoder says why)."""
+    regions = features.regions
+    coords = grid_coordinates(*features.grid, device=regions.device).to(regions.dtype)  # (R, 2)
+    return torch.cat([regions, coords.expand(regions.shape[0], -1, -1)], dim=-1)
 
 
 def finding_boxes(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -257,7 +264,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> MedFusio
         fusion=build_fusion(cfg.fusion, dim, rank=cfg.bilinear_rank, heads=cfg.attention_heads, dropout=cfg.dropout),
         classifier=ClassificationHead(dim, num_classes, cfg.dropout),
         box_head=BoxHead(dim, num_classes, cfg.dropout),
-        decoder=FindingsDecoder(vocab_size, cfg.embed_dim, cfg.decoder_dim, dim, cfg.dropout),
+        decoder=FindingsDecoder(vocab_size, cfg.embed_dim, cfg.decoder_dim, dim, cfg.dropout, region_dim=dim + 2),
         box_refiner=BoxRefiner(cfg.box_refine_steps) if cfg.box_refine_steps else None,
         multi_label=cfg.multi_label,
         modality_dropout=cfg.modality_dropout,
