@@ -14,7 +14,7 @@ samples in `_scheduling_loop_step`).
 `IdleBackoff` is an execution callback (`DataContext.custom_execution_callback_classes`): after a
 step that changed nothing that Ray's own no-progress guard (no_progress_guard.py) watches, nor the
 running or submitted tasks, and that returned at once (it did not wait in `ray.wait`), it sleeps
-`sleep_s`. A step that read an output, launched a task or moved a block does not sleep.
+IDLE_SLEEP_S. A step that read an output, launched a task or moved a block does not sleep.
 """
 
 from __future__ import annotations
@@ -32,28 +32,18 @@ QUICK_STEP_S = 0.01
 
 
 class IdleBackoff(ExecutionCallback):
-    """Sleep `sleep_s` after a quick scheduling step that changed nothing.
-
-    `steps` and `idle_steps` count the steps of every execution in this process."""
-
-    sleep_s = IDLE_SLEEP_S
-    steps = 0
-    idle_steps = 0
+    """Sleep IDLE_SLEEP_S after a quick scheduling step that changed nothing (one per execution)."""
 
     def __init__(self) -> None:
         self._last: tuple = ()
         self._step_start = time.monotonic()
 
     def on_execution_step(self, executor: Any) -> None:
-        cls = type(self)
-        cls.steps += 1
-        now = time.monotonic()
         progress = _progress(executor)
-        idle = progress == self._last and now - self._step_start < QUICK_STEP_S
+        idle = progress == self._last and time.monotonic() - self._step_start < QUICK_STEP_S
         self._last = progress
-        if idle and cls.sleep_s > 0:
-            cls.idle_steps += 1
-            time.sleep(cls.sleep_s)
+        if idle:
+            time.sleep(IDLE_SLEEP_S)
         self._step_start = time.monotonic()
 
 

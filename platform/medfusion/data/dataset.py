@@ -325,8 +325,8 @@ def stream_split(
     # buffer would hold several decoded blocks back (512-px PNGs decoded to 256-px pixels are a third
     # of their stored size).
     ds.context.target_max_block_size = max(1, int(_row_bytes(info, split, data_cfg) * rows))
-    # The scheduling loop rests while no task runs instead of spinning beside the consumers
-    # (medfusion.data.backoff has the profile).
+    # The scheduling loop rests while backpressure holds it behind the consumers instead of
+    # spinning beside them (medfusion.data.backoff has the profile).
     from medfusion.data.backoff import IdleBackoff
 
     if IdleBackoff not in ds.context.custom_execution_callback_classes:

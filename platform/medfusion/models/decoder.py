@@ -6,7 +6,7 @@ every input (and initializing its state); each output state then attends over th
 and [state; context] predicts the next word. Because attention comes after the recurrence,
 teacher-forced training runs the LSTM over the whole sequence in one call.
 
-Each region arrives with its cell's (x, y) appended (`MedFusionModel.decoder_regions`), so the
+Each region arrives with its cell's (x, y) appended (`medfusion.models.decoder_regions`), so the
 context carries where the decoder looked as two plain numbers: words of place ("left", "upper
 zone") read them directly instead of recovering a position from features that the classifier and
 the box head have shaped for what a region shows.

@@ -132,15 +132,19 @@ class ImageEncoder(nn.Module):
         return grid_features(fmap, self.region_proj, self.dropout, self.pool)
 
 
+def with_coordinates(cells: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, R, C) row-major cells of a (h, w) grid -> (B, R, C + 2), each with its centre's (x, y)."""
+    coords = grid_coordinates(*grid, device=cells.device).to(cells.dtype)  # (R, 2)
+    return torch.cat([cells, coords.expand(cells.shape[0], -1, -1)], dim=-1)
+
+
 def grid_features(
     fmap: Tensor, region_proj: nn.Linear, dropout: nn.Module, pool: AdditiveAttentionPool
 ) -> ImageFeatures:
     """A CNN's final feature map (B, C, h, w) -> ImageFeatures: each cell with its (x, y) appended,
     projected to D (a 1x1 convolution as a Linear over C + 2 inputs), then attention-pooled."""
-    batch, _, height, width = fmap.shape
-    cells = fmap.flatten(2).transpose(1, 2)  # (B, R, C)
-    coords = grid_coordinates(height, width, fmap.device).to(cells.dtype)  # (R, 2)
-    cells = torch.cat([cells, coords.expand(batch, -1, -1)], dim=-1)  # (B, R, C+2)
+    _, _, height, width = fmap.shape
+    cells = with_coordinates(fmap.flatten(2).transpose(1, 2), (height, width))  # (B, R, C+2)
     regions = dropout(F.relu(region_proj(cells)))  # (B, R, D)
     pooled, attention = pool(regions)  # (B, D), (B, R)
     return ImageFeatures(regions=regions, pooled=pooled, attention=attention, grid=(height, width))

@@ -30,7 +30,7 @@ from medfusion.models.backbones import build_image_encoder
 from medfusion.models.decoder import FindingsDecoder
 from medfusion.models.fusion import build_fusion
 from medfusion.models.heads import BoxHead, BoxRefiner, ClassificationHead, box_losses, classification_loss, text_loss
-from medfusion.models.image_encoder import ImageFeatures, grid_coordinates
+from medfusion.models.image_encoder import ImageFeatures, with_coordinates
 from medfusion.models.text_encoder import PAD_ID, NoteEncoder, NoteFeatures
 
 TENSOR_KEYS = BATCH_KEYS  # the model reads every key of a collated batch
@@ -215,9 +215,7 @@ class MedFusionModel(nn.Module):
 def decoder_regions(features: ImageFeatures) -> Tensor:
     """The regions the findings decoder attends over: (B, R, D + 2), each with its cell's (x, y)
     (medfusion.models.decoder says why)."""
-    regions = features.regions
-    coords = grid_coordinates(*features.grid, device=regions.device).to(regions.dtype)  # (R, 2)
-    return torch.cat([regions, coords.expand(regions.shape[0], -1, -1)], dim=-1)
+    return with_coordinates(features.regions, features.grid)
 
 
 def finding_boxes(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
