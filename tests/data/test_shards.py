@@ -18,6 +18,7 @@ from medfusion import storage
 from medfusion.config import DataConfig, PrepareConfig, SynthConfig
 from medfusion.data import dataset as dataset_module
 from medfusion.data.backoff import IdleBackoff
+from medfusion.data.batches import row_nbytes
 from medfusion.data.dataset import (
     DatasetError,
     block_rows,
@@ -149,12 +150,16 @@ def test_blocks_hold_block_rows_rounded_up_to_whole_batches(s3_prefix, ray_local
     assert block_rows(info, "train", data) == 16
 
 
+BUDGET = 2 * 2**20
+"""Object store bytes the held-back executor may use (`_coordinator_cpu_over_slow_consumers`)."""
+
+
 def _coordinator_cpu_over_slow_consumers(ds, batch_size: int) -> float:
     """CPU seconds of the SplitCoordinator (the actor that runs a streaming_split's executor, as for
     Ray Train's workers) from both consumers' first batch to their last, taking 0.2 s per batch:
     the decode tasks are far ahead of them, so the executor is held back by backpressure."""
     # A small object store budget, as a training epoch's decoded blocks fill a real one.
-    ds.context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=2 * 2**20)
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=BUDGET)
     before = {p.pid for p in _coordinators()}
     parts = ds.streaming_split(2, equal=True)
     counts = [0, 0]
@@ -192,9 +197,14 @@ def test_the_scheduling_loop_rests_while_held_back(s3_prefix, ray_local):
     """Ray's streaming executor spins while backpressure holds it behind slow consumers
     (medfusion.data.backoff): stream_split's IdleBackoff makes it sleep instead."""
     uri = s3_prefix + "/backoff"
-    _prepare(uri, n=1200)
+    synth = SynthConfig(num_samples=1200, image_size=128, seed=3)
+    run_prepare(PrepareConfig(source="synthetic", output_uri=uri, shard_size_mb=1.0, synth=synth))
     info = open_dataset(uri)
-    data = DataConfig(image_size=32, batch_size=16, block_rows=16, max_report_tokens=32, max_findings_tokens=32)
+    data = DataConfig(image_size=128, batch_size=16, block_rows=16, max_report_tokens=32, max_findings_tokens=32)
+    # The decoded train split must far outgrow the 2 MiB object-store budget, or the executor decodes it
+    # all, finishes and never waits on the consumers (at 32 px the whole split fit in it, and a CI run
+    # measured no spin at all).
+    assert info.rows("train") * row_nbytes(128, 32, 32, len(info.classes)) > 5 * BUDGET
     resting = _coordinator_cpu_over_slow_consumers(stream_split(info, "train", data), data.batch_size)
     spinning_ds = stream_split(info, "train", data)  # Ray's own loop: no rest
     spinning_ds.context.custom_execution_callback_classes = [
