@@ -32,6 +32,7 @@ from medfusion.serving import header_timeout
 from medfusion.serving.api import create_api
 from medfusion.serving.runtime import BatchPacer, HandleBackend, ModelRunner, ServeMetrics
 from medfusion.serving.settings import (
+    SERVE_ENVIRONMENT,
     ApiSettings,
     ingress_args,
     ingress_deployment_options,
@@ -45,8 +46,6 @@ from medfusion.serving.settings import (
 # `deployments` of a Serve config would read as if they were it.
 MODEL_DEPLOYMENT = "MedFusionDeployment"
 INGRESS_DEPLOYMENT = "MedFusionIngress"
-PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "medfusion.serve.app:proxy_callback"
 
 
 def proxy_callback() -> list:
@@ -183,9 +182,9 @@ def serve_forever(
     """
     started_ray = not ray.is_initialized()
     if started_ray:
-        # Serve's proxy reads the callback from the environment Ray starts with (a cluster sets it in
-        # its pods' environment).
-        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+        # Serve reads these from the environment Ray starts with (a cluster's image sets them).
+        for name, value in SERVE_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
         # address="local": the embedded Ray, never a cluster some `ray start` left on this machine.
         ray.init(address="local", include_dashboard=False, configure_logging=False)
     http_options: dict[str, Any] = {"host": host, "port": port}

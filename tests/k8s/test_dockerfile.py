@@ -58,8 +58,16 @@ def test_k8s_and_orchestration_name_the_images_this_file_builds():
 
 
 def test_the_image_installs_the_serve_proxys_header_timeout():
-    from medfusion.serve.app import PROXY_CALLBACK_ENV, proxy_callback
+    from medfusion.serve.app import proxy_callback
+    from medfusion.serving.settings import PROXY_CALLBACK_ENV
 
     (value,) = re.findall(rf"^ENV {PROXY_CALLBACK_ENV}=(\S+)$", DOCKERFILE, flags=re.M)
     module, _, attr = value.partition(":")
     assert f"{module}:{attr}" == f"{proxy_callback.__module__}:{proxy_callback.__name__}"
+
+
+def test_the_image_sets_serves_environment_as_medfusion_serve_does():
+    from medfusion.serving.settings import SERVE_ENVIRONMENT
+
+    env = dict(re.findall(r"^(?:ENV |    )(RAY_SERVE_\w+)=(\S+)", DOCKERFILE, flags=re.M))
+    assert env == SERVE_ENVIRONMENT

@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 from serve_cases import HEADER_TIMEOUT_S, TOKEN, TinyExport, free_port, make_export, wait_for
 
-from medfusion.serve.app import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from medfusion.serving.header_timeout import HEADER_TIMEOUT_ENV
+from medfusion.serving.settings import SERVE_ENVIRONMENT
 
-# Serve's proxy times out request headers as `medfusion serve` sets it up. The session's Ray starts
+# Serve as `medfusion serve` and the image set it up: header timeout, throughput mode. The session's Ray starts
 # after collection, so its processes inherit these; a short timeout lets test_hostile watch it quickly.
-os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+for _name, _value in SERVE_ENVIRONMENT.items():
+    os.environ.setdefault(_name, _value)
 os.environ.setdefault(HEADER_TIMEOUT_ENV, str(HEADER_TIMEOUT_S))
 
 

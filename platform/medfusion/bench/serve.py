@@ -5,10 +5,11 @@ All of them serve the same trained export (a short fit of `preset` on synthetic 
 images and notes, none seen in the fit, cycled by the load generator), so decode lengths vary as the
 model ends its findings with <eos>:
 
-(a) The Ray Serve application of `medfusion.serve.app` on an embedded Ray: dynamic batching in the
-    model deployment, `model_replicas` fixed replicas (no autoscaling, so the figures are comparable);
-    once per layout: ``serve`` (split: an ingress deployment in front) and ``serve_combined`` (the
-    model answers HTTP).
+(a) The Ray Serve application of `medfusion.serve.app` on an embedded Ray started with the app's
+    SERVE_ENVIRONMENT (Serve's throughput mode; RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the bench's own
+    environment measures Serve without it): dynamic batching in the model deployment,
+    `model_replicas` fixed replicas (no autoscaling, so the figures are comparable); once per layout:
+    ``serve`` (split: an ingress deployment in front) and ``serve_combined`` (the model answers HTTP).
 (b) ``fastapi_unbatched``: the same FastAPI app (`medfusion.serving.api.create_api`: same parsing,
     validation and logging) in one uvicorn process, calling the predictor once per request, with
     torch's default threads: a plain server as one would first write it.
@@ -645,6 +646,11 @@ def _serve_app(
     uri: str, body: bytes | Sequence[bytes], content_type: str, cfg: ServeBenchConfig, layout: str
 ) -> dict[int, dict[str, Any]]:
     """(a) in `layout` (split or combined), or (d) for ``layout="floor"``."""
+    from medfusion.serving.settings import SERVE_ENVIRONMENT
+
+    # As `medfusion serve` and the image run Serve; before Serve's constants are first imported here.
+    for name, value in SERVE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     import ray
     from ray import serve
 

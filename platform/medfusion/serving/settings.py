@@ -17,6 +17,24 @@ from medfusion.loader import load_config
 
 log = logging.getLogger(__name__)
 
+# Serve's HTTP proxies run `medfusion.serve.app.proxy_callback` (the request-header timeout) when Ray's
+# processes start with this variable naming it.
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "medfusion.serve.app:proxy_callback"
+THROUGHPUT_ENV = {
+    # Serve's throughput mode (ray/serve/_private/constants.py, RAY_SERVE_THROUGHPUT_OPTIMIZED): user
+    # code and the router on the replica's own event loop instead of threads of their own, proxy and
+    # handle calls over gRPC, request-path logs buffered, the GC frozen after start-up. The model runs
+    # on its own thread (runtime.ModelRunner), so nothing blocks that loop.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # ...but not its direct ingress: that starts no proxies (so no header timeout) and has each ingress
+    # replica listen on a port of its own, for HAProxy in front of them.
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+}
+SERVE_ENVIRONMENT = {PROXY_CALLBACK_ENV: PROXY_CALLBACK, **THROUGHPUT_ENV}
+"""What Ray's processes must find in their environment for the app's Serve, read once as each starts:
+the image sets it (Dockerfile), `medfusion serve` and the bench set it before starting an embedded Ray."""
+
 # Fields of ServeConfig the model replicas read: changing any other field (limits, auth...) does not
 # restart them.
 MODEL_FIELDS = ("device", "beam_size", "max_decode_len", "max_batch_size", "batch_wait_timeout_s", "torch_threads")
