@@ -30,9 +30,10 @@ ENV PYTHONUNBUFFERED=1 \
 # Serve's HTTP proxies answer 408 to a client whose request headers do not arrive within
 # MEDFUSION_HEADER_TIMEOUT_S (default 10 s) instead of holding its connection open.
 ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=medfusion.serve.app:proxy_callback
-# Serve's throughput mode without its direct ingress (medfusion.serving.settings.THROUGHPUT_ENV says why).
+# Serve's throughput mode without its direct ingress or log buffer (medfusion.serving.settings.THROUGHPUT_ENV says why).
 ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
-    RAY_SERVE_ENABLE_DIRECT_INGRESS=0
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=0 \
+    RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1
 
 # The base image's unprivileged user (uid 1000, gid 100); nothing below runs as root.
 USER 1000:100

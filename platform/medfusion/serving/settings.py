@@ -24,12 +24,15 @@ PROXY_CALLBACK = "medfusion.serve.app:proxy_callback"
 THROUGHPUT_ENV = {
     # Serve's throughput mode (ray/serve/_private/constants.py, RAY_SERVE_THROUGHPUT_OPTIMIZED): user
     # code and the router on the replica's own event loop instead of threads of their own, proxy and
-    # handle calls over gRPC, request-path logs buffered, the GC frozen after start-up. The model runs
-    # on its own thread (runtime.ModelRunner), so nothing blocks that loop.
+    # handle calls over gRPC, the GC frozen after start-up. The model runs on its own thread
+    # (runtime.ModelRunner), so nothing blocks that loop.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # ...but not its direct ingress: that starts no proxies (so no header timeout) and has each ingress
     # replica listen on a port of its own, for HAProxy in front of them.
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    # ...nor its buffered request logs (1000 lines per process): a replica killed with its node would
+    # take them along, and they would reach the log file only in bursts.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 SERVE_ENVIRONMENT = {PROXY_CALLBACK_ENV: PROXY_CALLBACK, **THROUGHPUT_ENV}
 """What Ray's processes must find in their environment for the app's Serve, read once as each starts:
