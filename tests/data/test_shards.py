@@ -151,11 +151,12 @@ def test_blocks_hold_block_rows_rounded_up_to_whole_batches(s3_prefix, ray_local
 
 
 BUDGET = 2 * 2**20
+MAX_RESTING_SHARE = 0.15
 """Object store bytes the held-back executor may use (`_coordinator_cpu_over_slow_consumers`)."""
 
 
 def _coordinator_cpu_over_slow_consumers(ds, batch_size: int) -> float:
-    """CPU seconds of the SplitCoordinator (the actor that runs a streaming_split's executor, as for
+    """The share of a core used by the SplitCoordinator (the actor that runs a streaming_split's executor, as for
     Ray Train's workers) from both consumers' first batch to their last, taking 0.2 s per batch:
     the decode tasks are far ahead of them, so the executor is held back by backpressure."""
     # A small object store budget, as a training epoch's decoded blocks fill a real one.
@@ -178,11 +179,11 @@ def _coordinator_cpu_over_slow_consumers(ds, batch_size: int) -> float:
     started.wait(timeout=120)
     new = [p for p in _coordinators() if p.pid not in before]
     assert len(new) == 1, f"expected one new SplitCoordinator process, found {len(new)}"
-    start = sum(new[0].cpu_times()[:2])
+    start, wall = sum(new[0].cpu_times()[:2]), time.monotonic()
     for t in threads:
         t.join(timeout=300)
     assert counts[0] == counts[1] > 10 * batch_size
-    return sum(new[0].cpu_times()[:2]) - start
+    return (sum(new[0].cpu_times()[:2]) - start) / (time.monotonic() - wall)
 
 
 def _coordinators() -> list[psutil.Process]:
@@ -211,7 +212,11 @@ def test_the_scheduling_loop_rests_while_held_back(s3_prefix, ray_local):
         c for c in spinning_ds.context.custom_execution_callback_classes if c is not IdleBackoff
     ]
     spinning = _coordinator_cpu_over_slow_consumers(spinning_ds, data.batch_size)
-    assert resting * 3 < spinning, f"coordinator CPU s: resting {resting:.2f}, spinning {spinning:.2f}"
+    # Alone, Ray's loop took 0.35-0.60 of a core here and the resting one 0.07-0.09. In a whole CI run,
+    # where other processes share the cores, the spin got only 0.13 (resting 0.08): so a bound on the
+    # resting share, which a loop without the rest exceeds whenever it has the CPU to spin on.
+    share = f"coordinator's share of a core: resting {resting:.3f}, spinning {spinning:.3f}"
+    assert resting < MAX_RESTING_SHARE and resting < spinning, share
 
 
 def test_ray_train_shards_split_the_rows(dataset, ray_local):
