@@ -17,7 +17,6 @@ below only adapt it to Serve.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import Any
@@ -32,8 +31,8 @@ from medfusion.serving import header_timeout
 from medfusion.serving.api import create_api
 from medfusion.serving.runtime import BatchPacer, HandleBackend, ModelRunner, ServeMetrics
 from medfusion.serving.settings import (
-    SERVE_ENVIRONMENT,
     ApiSettings,
+    export_serve_environment,
     ingress_args,
     ingress_deployment_options,
     model_args,
@@ -183,8 +182,7 @@ def serve_forever(
     started_ray = not ray.is_initialized()
     if started_ray:
         # Serve reads these from the environment Ray starts with (a cluster's image sets them).
-        for name, value in SERVE_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
+        export_serve_environment()
         # address="local": the embedded Ray, never a cluster some `ray start` left on this machine.
         ray.init(address="local", include_dashboard=False, configure_logging=False)
     http_options: dict[str, Any] = {"host": host, "port": port}

@@ -151,13 +151,14 @@ def test_blocks_hold_block_rows_rounded_up_to_whole_batches(s3_prefix, ray_local
 
 
 BUDGET = 2 * 2**20
+"""Object store bytes the held-back executor may use (`_coordinator_share_over_slow_consumers`)."""
 MAX_RESTING_SHARE = 0.15
-"""Object store bytes the held-back executor may use (`_coordinator_cpu_over_slow_consumers`)."""
+"""The most of a core the resting scheduling loop may use while it is held back."""
 
 
-def _coordinator_cpu_over_slow_consumers(ds, batch_size: int) -> float:
-    """The share of a core used by the SplitCoordinator (the actor that runs a streaming_split's executor, as for
-    Ray Train's workers) from both consumers' first batch to their last, taking 0.2 s per batch:
+def _coordinator_share_over_slow_consumers(ds, batch_size: int) -> float:
+    """The share of a core used by the SplitCoordinator (the actor that runs a streaming_split's
+    executor, as for Ray Train's workers) from both consumers' first batch to their last, taking 0.2 s per batch:
     the decode tasks are far ahead of them, so the executor is held back by backpressure."""
     # A small object store budget, as a training epoch's decoded blocks fill a real one.
     ds.context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=BUDGET)
@@ -206,13 +207,13 @@ def test_the_scheduling_loop_rests_while_held_back(s3_prefix, ray_local):
     # all, finishes and never waits on the consumers (at 32 px the whole split fit in it, and a CI run
     # measured no spin at all).
     assert info.rows("train") * row_nbytes(128, 32, 32, len(info.classes)) > 5 * BUDGET
-    resting = _coordinator_cpu_over_slow_consumers(stream_split(info, "train", data), data.batch_size)
+    resting = _coordinator_share_over_slow_consumers(stream_split(info, "train", data), data.batch_size)
     spinning_ds = stream_split(info, "train", data)  # Ray's own loop: no rest
     spinning_ds.context.custom_execution_callback_classes = [
         c for c in spinning_ds.context.custom_execution_callback_classes if c is not IdleBackoff
     ]
-    spinning = _coordinator_cpu_over_slow_consumers(spinning_ds, data.batch_size)
-    # Alone, Ray's loop took 0.35-0.60 of a core here and the resting one 0.07-0.09. In a whole CI run,
+    spinning = _coordinator_share_over_slow_consumers(spinning_ds, data.batch_size)
+    # Alone, Ray's loop took 0.35-0.60 of a core here and the resting one 0.06-0.09. In a whole CI run,
     # where other processes share the cores, the spin got only 0.13 (resting 0.08): so a bound on the
     # resting share, which a loop without the rest exceeds whenever it has the CPU to spin on.
     share = f"coordinator's share of a core: resting {resting:.3f}, spinning {spinning:.3f}"

@@ -9,12 +9,11 @@ import pytest
 from serve_cases import HEADER_TIMEOUT_S, TOKEN, TinyExport, free_port, make_export, wait_for
 
 from medfusion.serving.header_timeout import HEADER_TIMEOUT_ENV
-from medfusion.serving.settings import SERVE_ENVIRONMENT
+from medfusion.serving.settings import export_serve_environment
 
 # Serve as `medfusion serve` and the image set it up: header timeout, throughput mode. The session's Ray starts
 # after collection, so its processes inherit these; a short timeout lets test_hostile watch it quickly.
-for _name, _value in SERVE_ENVIRONMENT.items():
-    os.environ.setdefault(_name, _value)
+export_serve_environment()
 os.environ.setdefault(HEADER_TIMEOUT_ENV, str(HEADER_TIMEOUT_S))
 
 

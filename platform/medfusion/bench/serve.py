@@ -646,11 +646,9 @@ def _serve_app(
     uri: str, body: bytes | Sequence[bytes], content_type: str, cfg: ServeBenchConfig, layout: str
 ) -> dict[int, dict[str, Any]]:
     """(a) in `layout` (split or combined), or (d) for ``layout="floor"``."""
-    from medfusion.serving.settings import SERVE_ENVIRONMENT
+    from medfusion.serving.settings import export_serve_environment
 
-    # As `medfusion serve` and the image run Serve; before Serve's constants are first imported here.
-    for name, value in SERVE_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
+    export_serve_environment()  # as `medfusion serve` and the image run Serve, before Ray starts here
     import ray
     from ray import serve
 

@@ -38,6 +38,14 @@ SERVE_ENVIRONMENT = {PROXY_CALLBACK_ENV: PROXY_CALLBACK, **THROUGHPUT_ENV}
 """What Ray's processes must find in their environment for the app's Serve, read once as each starts:
 the image sets it (Dockerfile), `medfusion serve` and the bench set it before starting an embedded Ray."""
 
+
+def export_serve_environment() -> None:
+    """SERVE_ENVIRONMENT into this process's environment, keeping any variable already set, so that a
+    Ray started here afterwards passes it to Serve's processes."""
+    for name, value in SERVE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 # Fields of ServeConfig the model replicas read: changing any other field (limits, auth...) does not
 # restart them.
 MODEL_FIELDS = ("device", "beam_size", "max_decode_len", "max_batch_size", "batch_wait_timeout_s", "torch_threads")
