@@ -23,6 +23,7 @@ from medfusion.loader import load_config
         (["tolerance=1.5"], "tolerance: must be in"),
         (["trial_seconds=0"], "trial_seconds: must be > 0"),
         (["repetitions=0"], "repetitions: must be >= 1"),
+        (["grace_period=9"], r"grace_period: must be >= 1 and below epochs \(9\), got 9"),
     ],
 )
 def test_bench_config_errors_name_the_field(overrides, message):

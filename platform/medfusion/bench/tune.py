@@ -49,7 +49,8 @@ class TuneBenchConfig:
     samples: int = 400
     """Synthetic images of the benchmark dataset (tiny preset, 64 px)."""
     epochs: int = 9
-    """Most epochs a trial runs (ASHA's max_t; with reduction_factor 3 its rungs are at 1, 3 and 9)."""
+    """Most epochs a trial runs (ASHA's max_t; with grace_period 1 and reduction_factor 3 its rungs are
+    at 1, 3 and 9)."""
     steps_per_epoch: int = 6
     """Optimizer steps per epoch of every trial (train.max_steps_per_epoch)."""
     search_space: dict[str, Any] = field(
@@ -61,6 +62,8 @@ class TuneBenchConfig:
     """The grid (choices only): every combination is one trial of the grid sweep."""
     reduction_factor: float = 3.0
     """ASHA: the best 1/reduction_factor of the trials at a rung go on."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before its first rung (rungs at grace_period x reduction_factor^k)."""
     tolerance: float = 0.01
     """"Within 1% of the grid's best": objective >= (1 - tolerance) x the grid's best."""
     seed: int = 0
@@ -93,6 +96,11 @@ class TuneBenchConfig:
             "must map each key to a non-empty list of choices (a grid)",
         )
         check(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        check(
+            1 <= self.grace_period < self.epochs,
+            "grace_period",
+            f"must be >= 1 and below epochs ({self.epochs}), got {self.grace_period}",
+        )
         check(0 <= self.tolerance < 1, "tolerance", f"must be in [0, 1), got {self.tolerance}")
         check(self.repetitions >= 1, "repetitions", f"must be >= 1, got {self.repetitions}")
         check(self.overhead_trials >= 1, "overhead_trials", f"must be >= 1, got {self.overhead_trials}")
@@ -235,7 +243,7 @@ def _sweep(
             "search_space": cfg.search_space,
             "search_seed": seed,
             "reduction_factor": cfg.reduction_factor,
-            "grace_period": 1,
+            "grace_period": cfg.grace_period,
             "max_concurrent_trials": 1,
             "seeds": 0,
             "register": False,
