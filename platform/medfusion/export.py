@@ -39,7 +39,8 @@ from medfusion.models import MedFusionModel, build_model, count_parameters
 #    (model.describes false: the dataset had no findings text).
 # 4: each class's box score has its own output weights (heads.BoxHead.objectness_out).
 # 5: the findings decoder attends over regions with their cell's (x, y) (models.decoder_regions).
-FORMAT_VERSION = 5
+# 6: the findings decoder is told where the box head found the lesion (models.place_features).
+FORMAT_VERSION = 6
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

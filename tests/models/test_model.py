@@ -13,6 +13,7 @@ from medfusion.data.images import normalize
 from medfusion.data.tokenizer import EOS_ID, PAD_ID
 from medfusion.models import (
     MODEL_REGISTRY,
+    PLACE_DIM,
     build_model,
     count_parameters,
     create_model,
@@ -63,6 +64,7 @@ def test_forward_shapes(synth_data, name, fusion):
         "note_attention": tuple(batch["report_ids"].shape),
         "fused": (3, dim),
         "regions": (3, grid * grid, dim + 2),
+        "context": (3, dim + PLACE_DIM),
         "decoder_logits": (3, tf - 1, vocab),
         "decoder_attention": (3, tf - 1, grid * grid),
     }
@@ -158,8 +160,8 @@ def test_beam_search_is_batched_and_consistent(synth_data):
 
 
 def _decoder_inputs(model, batch):
-    image, _, fused = model.encode(batch["image"], batch["report_ids"])
-    return decoder_regions(image), fused
+    out = model({key: value for key, value in batch.items() if key != "findings_ids"})
+    return out["regions"], out["context"]
 
 
 def test_the_decoder_names_a_place_from_its_regions_coordinates():
@@ -193,6 +195,40 @@ def test_the_decoder_names_a_place_from_its_regions_coordinates():
 
     assert accuracy(located=True) == 1.0
     assert accuracy(located=False) < 0.8
+
+
+def test_the_decoder_names_a_zone_within_one_cell_from_the_box():
+    """Lesions whose boxes all lie in one cell row of the grid (y in [0.375, 0.5) at 8 x 8), a third
+    of them written "upper", "mid" or "lower" by where in that row the box is: the regions' (x, y)
+    are the same for all of them, so only `place_features` of the box can tell the words apart."""
+    from medfusion.models import PLACE_DIM, FindingsDecoder, place_features
+
+    torch.manual_seed(0)
+    dim, n = 8, 96
+    regions = torch.ones(n, 4, dim + 2)  # the same regions for every film
+    level = torch.arange(n) % 3
+    cy = 0.375 + (level.float() + torch.rand(n) * 0.8 + 0.1) * (0.125 / 3)
+    box = torch.stack([torch.full((n,), 0.3), cy, torch.full((n,), 0.1), torch.full((n,), 0.02)], dim=1)
+    words = level + 4  # 4 "upper", 5 "mid", 6 "lower"
+    findings = torch.stack([torch.full((n,), 2), words, torch.full((n,), 3)], dim=1)  # <bos> word <eos>
+    fused = torch.zeros(n, dim)
+
+    def accuracy(told: bool) -> float:
+        torch.manual_seed(1)
+        place = place_features(box, torch.full((n,), 5.0)) if told else torch.zeros(n, PLACE_DIM)
+        context = torch.cat([fused, place], dim=-1)
+        decoder = FindingsDecoder(7, 4, 16, dim + PLACE_DIM, region_dim=dim + 2)
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=0.03)
+        for _ in range(200):
+            logits, _ = decoder(findings, regions, context)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), findings[:, 1:].reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return float((decoder.greedy(regions, context, 1)[:, 0] == words).float().mean())
+
+    assert accuracy(told=True) >= 0.95
+    assert accuracy(told=False) < 0.5
 
 
 def test_beam_search_prefers_the_likelier_sequence():

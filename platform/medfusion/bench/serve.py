@@ -294,9 +294,12 @@ def write_untrained_export(uri: str, preset: str = "tiny", seed: int = 0) -> str
 
 
 def _fit_settings(cfg: ServeBenchConfig) -> dict[str, Any]:
-    """What the fitted export depends on (its cache key)."""
+    """What the fitted export depends on (its cache key): an export of another format is fitted again."""
+    from medfusion.export import FORMAT_VERSION
+
     return {
         "fit_version": FIT_VERSION,
+        "export_format": FORMAT_VERSION,
         "preset": cfg.preset,
         "samples": cfg.fit_samples,
         "epochs": cfg.fit_epochs,

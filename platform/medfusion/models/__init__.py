@@ -19,11 +19,13 @@ from medfusion.models.heads import (
 )
 from medfusion.models.image_encoder import ImageEncoder, ImageFeatures
 from medfusion.models.model import (
+    PLACE_DIM,
     MedFusionModel,
     build_model,
     count_parameters,
     decoder_regions,
     finding_boxes,
+    place_features,
     to_tensors,
 )
 from medfusion.models.registry import MODEL_REGISTRY, create_model, list_models, preset_config, register_model
@@ -31,6 +33,7 @@ from medfusion.models.text_encoder import NoteEncoder, NoteFeatures
 
 __all__ = [
     "MODEL_REGISTRY",
+    "PLACE_DIM",
     "BoxHead",
     "BoxOutput",
     "BoxRefiner",
@@ -52,6 +55,7 @@ __all__ = [
     "list_models",
     "paired_giou",
     "paired_iou",
+    "place_features",
     "preset_config",
     "register_model",
     "text_loss",

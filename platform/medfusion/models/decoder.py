@@ -9,7 +9,9 @@ teacher-forced training runs the LSTM over the whole sequence in one call.
 Each region arrives with its cell's (x, y) appended (`medfusion.models.decoder_regions`), so the
 context carries where the decoder looked as two plain numbers: words of place ("left", "upper
 zone") read them directly instead of recovering a position from features that the classifier and
-the box head have shaped for what a region shows.
+the box head have shaped for what a region shows. A cell is coarse for a zone a third of a lung high,
+so the model also appends to the fused vector where its box head found the lesion
+(`medfusion.models.place_features`): the decoder's context vector is that pair.
 
 Inference: `greedy` and a batched `beam_search` (all images x beams advance together as one
 (B*K)-row batch). Both return (B, max_len) ids without <bos>; a sequence ends with <eos> and is
@@ -31,7 +33,8 @@ class FindingsDecoder(nn.Module):
     vocab_size: tokenizer vocabulary size.
     embed_dim: word embedding size.
     hidden_dim: LSTM hidden size.
-    context_dim: width D of the fused vector.
+    context_dim: width of the context vector read at every step and initializing the state (the
+        model gives the fused vector with its box's `place_features`).
     dropout: dropout before the output projection.
     region_dim: width of the regions it attends over (default D: no position appended; the model
         gives D + 2, each region with its cell's (x, y)).

@@ -278,7 +278,7 @@ def _validate(engine: Engine, cfg: TrainConfig, tokenizer: Any, objective: Objec
         if engine.module.describes:
             ids = engine.module.decoder.greedy(
                 out["regions"].to(decoder_dtype),
-                out["fused"].to(decoder_dtype),
+                out["context"].to(decoder_dtype),
                 cfg.model.max_decode_len,
                 early_exit=early_exit,
             )  # (B, max_len)
