@@ -380,10 +380,10 @@ def test_zero3_partitions_parameters_and_exports_them_whole(dataset, tmp_path, r
 # About an hour on 2 CPU cores; the README has the same run as `medfusion train --preset small ...`.
 QUALITY_SAMPLES, QUALITY_IMAGE, QUALITY_EPOCHS = 12600, 128, 5
 PAPER_ACCURACY, PAPER_IOU, ABLATION_GAP = 0.9642, 0.89, 0.10
-# The fused model's findings must name the lesion's zone: 0.884 and 0.887 in two runs since the decoder
-# reads its regions' (x, y), 0.658 and 0.719 before (README, "Quality on the synthetic benchmark"); the
-# 0.93-0.95 of 1a7b55f is not regained.
-CLINICAL_F1 = 0.85
+# The fused model's findings must name the lesion's zone: 0.986 and 0.990 in two runs since the decoder is
+# told where its box is (models.place_features), 0.884 and 0.887 with only its regions' (x, y), 0.93-0.95
+# at 1a7b55f (README, "Quality on the synthetic benchmark").
+CLINICAL_F1 = 0.95
 
 
 @pytest.mark.slow
