@@ -164,10 +164,29 @@ def _decoder_inputs(model, batch):
     return out["regions"], out["context"]
 
 
+def _taught_word_accuracy(words: torch.Tensor, regions: torch.Tensor, context: torch.Tensor, steps: int) -> float:
+    """A small decoder taught "<bos> word <eos>" for each row's word (ids 4 and up) over its regions and
+    context: the share of rows whose word it then generates greedily."""
+    from medfusion.models import FindingsDecoder
+
+    n, vocab = len(words), int(words.max()) + 1
+    findings = torch.stack([torch.full((n,), 2), words, torch.full((n,), 3)], dim=1)  # <bos> word <eos>
+    torch.manual_seed(1)
+    decoder = FindingsDecoder(vocab, 4, 16, context.shape[-1], region_dim=regions.shape[-1])
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=0.03)
+    for _ in range(steps):
+        logits, _ = decoder(findings, regions, context)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), findings[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float((decoder.greedy(regions, context, 1)[:, 0] == words).float().mean())
+
+
 def test_the_decoder_names_a_place_from_its_regions_coordinates():
     """Regions that differ only in where the lesion's cell is: the word of place ("left" / "right")
     is learnt from the (x, y) that decoder_regions appends, and cannot be without it."""
-    from medfusion.models import FindingsDecoder, ImageFeatures
+    from medfusion.models import ImageFeatures
 
     torch.manual_seed(0)
     dim, side, n = 8, 4, 64
@@ -176,32 +195,18 @@ def test_the_decoder_names_a_place_from_its_regions_coordinates():
     regions[torch.arange(n), cells] = 1.0  # the lesion's cell: the same features wherever it is
     left = (cells % side) < side // 2
     words = torch.where(left, torch.tensor(4), torch.tensor(5))  # 4 "left", 5 "right"
-    findings = torch.stack([torch.full((n,), 2), words, torch.full((n,), 3)], dim=1)  # <bos> word <eos>
     fused = torch.zeros(n, dim)
+    located = decoder_regions(ImageFeatures(regions=regions, pooled=fused, attention=fused, grid=(side, side)))
 
-    def accuracy(located: bool) -> float:
-        torch.manual_seed(1)
-        features = ImageFeatures(regions=regions, pooled=fused, attention=fused, grid=(side, side))
-        inputs = decoder_regions(features) if located else regions
-        decoder = FindingsDecoder(6, 4, 16, dim, region_dim=inputs.shape[-1])
-        optimizer = torch.optim.Adam(decoder.parameters(), lr=0.03)
-        for _ in range(150):
-            logits, _ = decoder(findings, inputs, fused)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 6), findings[:, 1:].reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return float((decoder.greedy(inputs, fused, 1)[:, 0] == words).float().mean())
-
-    assert accuracy(located=True) == 1.0
-    assert accuracy(located=False) < 0.8
+    assert _taught_word_accuracy(words, located, fused, steps=150) == 1.0
+    assert _taught_word_accuracy(words, regions, fused, steps=150) < 0.8
 
 
 def test_the_decoder_names_a_zone_within_one_cell_from_the_box():
     """Lesions whose boxes all lie in one cell row of the grid (y in [0.375, 0.5) at 8 x 8), a third
     of them written "upper", "mid" or "lower" by where in that row the box is: the regions' (x, y)
     are the same for all of them, so only `place_features` of the box can tell the words apart."""
-    from medfusion.models import PLACE_DIM, FindingsDecoder, place_features
+    from medfusion.models import place_features
 
     torch.manual_seed(0)
     dim, n = 8, 96
@@ -210,25 +215,12 @@ def test_the_decoder_names_a_zone_within_one_cell_from_the_box():
     cy = 0.375 + (level.float() + torch.rand(n) * 0.8 + 0.1) * (0.125 / 3)
     box = torch.stack([torch.full((n,), 0.3), cy, torch.full((n,), 0.1), torch.full((n,), 0.02)], dim=1)
     words = level + 4  # 4 "upper", 5 "mid", 6 "lower"
-    findings = torch.stack([torch.full((n,), 2), words, torch.full((n,), 3)], dim=1)  # <bos> word <eos>
     fused = torch.zeros(n, dim)
+    told = torch.cat([fused, place_features(box, torch.full((n,), 5.0))], dim=-1)
+    untold = torch.cat([fused, torch.zeros(n, PLACE_DIM)], dim=-1)
 
-    def accuracy(told: bool) -> float:
-        torch.manual_seed(1)
-        place = place_features(box, torch.full((n,), 5.0)) if told else torch.zeros(n, PLACE_DIM)
-        context = torch.cat([fused, place], dim=-1)
-        decoder = FindingsDecoder(7, 4, 16, dim + PLACE_DIM, region_dim=dim + 2)
-        optimizer = torch.optim.Adam(decoder.parameters(), lr=0.03)
-        for _ in range(200):
-            logits, _ = decoder(findings, regions, context)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), findings[:, 1:].reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return float((decoder.greedy(regions, context, 1)[:, 0] == words).float().mean())
-
-    assert accuracy(told=True) >= 0.95
-    assert accuracy(told=False) < 0.5
+    assert _taught_word_accuracy(words, regions, told, steps=200) >= 0.95
+    assert _taught_word_accuracy(words, regions, untold, steps=200) < 0.5
 
 
 def test_beam_search_prefers_the_likelier_sequence():
