@@ -326,11 +326,16 @@ def stream_split(
     # of their stored size).
     ds.context.target_max_block_size = max(1, int(_row_bytes(info, split, data_cfg) * rows))
     # The scheduling loop rests while backpressure holds it behind the consumers instead of
-    # spinning beside them (medfusion.data.backoff has the profile).
+    # spinning beside them (medfusion.data.backoff has the profile), and hands each block over as
+    # its task yields it (medfusion.data.metadata has the figures).
     from medfusion.data.backoff import IdleBackoff
+    from medfusion.data.metadata import InlineMetadata
 
-    if IdleBackoff not in ds.context.custom_execution_callback_classes:
-        ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
+    callbacks = ds.context.custom_execution_callback_classes
+    ds.context.custom_execution_callback_classes = [
+        *callbacks,
+        *(c for c in (IdleBackoff, InlineMetadata) if c not in callbacks),
+    ]
     return ds
 
 
