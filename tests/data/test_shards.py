@@ -13,8 +13,6 @@ import numpy as np
 import psutil
 import pytest
 import ray.data
-from ray import cloudpickle
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from medfusion import storage
 from medfusion.config import DataConfig, PrepareConfig, SynthConfig
@@ -223,38 +221,40 @@ def test_the_scheduling_loop_rests_while_held_back(s3_prefix, ray_local):
     assert resting < MAX_RESTING_SHARE and resting < spinning, share
 
 
-FETCHERS_SEEN: list[str] = []
+# The thread of Ray's default metadata fetcher (ray/data/_internal/execution/metadata_fetcher.py).
+PREFETCH_THREAD = "ray-data-metadata-prefetch"
 
 
-class _FetcherProbe(ExecutionCallback):
-    """Records which metadata fetcher an execution runs with (after stream_split's own callbacks)."""
-
-    def before_execution_starts(self, executor) -> None:
-        FETCHERS_SEEN.append(type(executor._metadata_fetcher).__name__)
-
-
-@pytest.mark.parametrize(
-    "env, fetcher", [(None, "InlineMetadataFetcher"), ("1", "ThreadedMetadataFetcher")], ids=["default", "env-set"]
-)
-def test_blocks_are_handed_over_inline_unless_ray_is_told_otherwise(dataset, ray_local, monkeypatch, env, fetcher):
-    """stream_split's executions emit each block as its task yields it (medfusion.data.metadata),
-    not through Ray's deferring background fetcher; an explicit RAY_DATA_METADATA_PREFETCH_ON_THREAD
-    leaves Ray's own choice."""
+@pytest.mark.parametrize("env, prefetch_thread", [(None, False), ("1", True)], ids=["default", "env-set"])
+def test_blocks_are_handed_over_inline_unless_ray_is_told_otherwise(
+    dataset, ray_local, monkeypatch, env, prefetch_thread
+):
+    """stream_split's executions emit each block as its task yields it (medfusion.data.metadata): no
+    background metadata-fetch thread runs while they stream; an explicit
+    RAY_DATA_METADATA_PREFETCH_ON_THREAD leaves Ray's own choice, and its thread."""
     if env is None:
         monkeypatch.delenv(PREFETCH_ENV, raising=False)
     else:
         monkeypatch.setenv(PREFETCH_ENV, env)
     uri, result = dataset
-    ds = stream_split(open_dataset(uri), "train", DATA)
-    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, _FetcherProbe]
-    FETCHERS_SEEN.clear()
-    # The context travels to Ray's read tasks, whose workers cannot import this test module.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    seen, done = threading.Event(), threading.Event()
+
+    def watch():  # the whole execution long: its threads end with it, before the last batches are read
+        while not done.is_set():
+            if any(t.name == PREFETCH_THREAD for t in threading.enumerate()):
+                seen.set()
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        rows = sum(len(batch["image"]) for batch in ds.iter_batches(batch_size=16))
+        rows = sum(
+            len(batch["image"]) for batch in stream_split(open_dataset(uri), "train", DATA).iter_batches(batch_size=16)
+        )
     finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    assert rows == result.rows["train"] and FETCHERS_SEEN == [fetcher]
+        done.set()
+        watcher.join(timeout=10)
+    assert rows == result.rows["train"] and seen.is_set() == prefetch_thread
 
 
 def test_ray_train_shards_split_the_rows(dataset, ray_local):

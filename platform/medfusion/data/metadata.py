@@ -24,11 +24,15 @@ with it set, Ray's own choice stands.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data._internal.execution.metadata_fetcher import InlineMetadataFetcher
+from ray.util.debug import log_once
+
+logger = logging.getLogger(__name__)
 
 PREFETCH_ENV = "RAY_DATA_METADATA_PREFETCH_ON_THREAD"
 """Ray's switch between the two fetchers for a whole process; set, it overrides InlineMetadata."""
@@ -39,6 +43,10 @@ class InlineMetadata(ExecutionCallback):
 
     def before_execution_starts(self, executor: Any) -> None:
         if PREFETCH_ENV in os.environ:
+            return
+        if not hasattr(executor, "_metadata_fetcher"):  # another Ray: its own fetcher stands
+            if log_once("medfusion_inline_metadata"):
+                logger.warning("Ray Data's executor has no _metadata_fetcher: blocks keep Ray's default hand-over")
             return
         # Built in the executor's __init__ and started by its thread, which starts after this callback.
         executor._metadata_fetcher = InlineMetadataFetcher()
